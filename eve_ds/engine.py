@@ -1,0 +1,116 @@
+"""DeepSpeed glue: config loading and validation, optimizer parameter groups, engine construction.
+
+The model knows nothing of DeepSpeed launch details; everything distributed is applied from here.
+"""
+import json
+from pathlib import Path
+
+import torch
+import deepspeed
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import groups
+
+from eve_ds.config import ConfigError
+
+# Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
+MOE_SECTION = "moe"
+SUPPORTED_ZERO_STAGES = (0, 1, 2)
+
+
+def bf16_available() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int) -> tuple:
+    """Reads and validates a DeepSpeed JSON config; returns (config for DeepSpeed, expert-parallel size).
+
+    Fills what depends on the launch: ``train_batch_size`` (micro batch x accumulation x data-parallel
+    size), ``"auto"`` bf16 (on where the GPU supports it), and the scheduler's ``"auto"`` lengths (all
+    training steps; warmup over the first 5%).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+
+    def fail(key, message):
+        raise ConfigError(f"{path}: '{key}' {message}")
+
+    moe = config.pop(MOE_SECTION, {})
+    ep_size = moe.get("expert_parallel_size", 1)
+    if not isinstance(ep_size, int) or ep_size < 1:
+        fail(f"{MOE_SECTION}.expert_parallel_size", f"must be a positive integer, got {ep_size!r}")
+    if world_size % ep_size:
+        fail(f"{MOE_SECTION}.expert_parallel_size",
+             f"is {ep_size}, which does not divide the world size {world_size}; launch a multiple of {ep_size} ranks")
+    if num_experts % ep_size:
+        fail(f"{MOE_SECTION}.expert_parallel_size",
+             f"is {ep_size}, which does not divide the model's {num_experts} experts")
+
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in SUPPORTED_ZERO_STAGES:
+        fail("zero_optimization.stage", f"is {stage}; the MoE model trains under ZeRO stage 0, 1 or 2 "
+             "(ds_configs/zero2_ep.json)")
+
+    micro_batch = config.get("train_micro_batch_size_per_gpu")
+    if not isinstance(micro_batch, int) or micro_batch < 1:
+        fail("train_micro_batch_size_per_gpu", f"must be a positive integer, got {micro_batch!r}")
+    accumulation = config.setdefault("gradient_accumulation_steps", 1)
+    if not isinstance(accumulation, int) or accumulation < 1:
+        fail("gradient_accumulation_steps", f"must be a positive integer, got {accumulation!r}")
+    global_batch = micro_batch * accumulation * world_size
+    declared = config.get("train_batch_size", "auto")
+    if declared not in ("auto", global_batch):
+        fail("train_batch_size", f"is {declared}, but micro batch {micro_batch} x accumulation {accumulation} x "
+             f"{world_size} ranks = {global_batch}; set it to \"auto\"")
+    config["train_batch_size"] = global_batch
+
+    bf16 = config.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = bf16_available()
+
+    scheduler_params = config.get("scheduler", {}).get("params", {})
+    if scheduler_params.get("total_num_steps") == "auto":
+        scheduler_params["total_num_steps"] = train_steps
+    if scheduler_params.get("warmup_num_steps") == "auto":
+        scheduler_params["warmup_num_steps"] = max(1, train_steps // 20)
+    return config, ep_size
+
+
+def expert_parallel_rank(global_rank: int, ep_size: int) -> int:
+    """DeepSpeed builds expert-parallel groups from consecutive ranks ([0, 1], [2, 3], ... for ep_size 2)."""
+    return global_rank % ep_size
+
+
+def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+    return param.dim() < 2 or name.endswith(("_pos", "_cls", "_embed", "token_embed.weight",
+                                             "modality_type_embed.weight"))
+
+
+def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+    """AdamW groups (no decay for biases, norms, layer scales and embeddings), with expert parameters
+    split into their own groups as DeepSpeed's MoE requires."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+    param_groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
+                    {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
+    return split_params_into_different_moe_groups_for_optimizer(param_groups)
+
+
+def initialize(model: torch.nn.Module, ds_config: dict, ep_size: int):
+    """Wraps the model in a DeepSpeed engine; returns (engine, lr scheduler)."""
+    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
+                                                   model_parameters=optimizer_param_groups(model, weight_decay))
+    if ep_size > 1:
+        actual = groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
+        expected = expert_parallel_rank(engine.global_rank, ep_size)
+        if actual != expected:
+            raise RuntimeError(f"expert-parallel rank is {actual}, expected {expected}: experts were initialised "
+                               "for a different layout (is use_data_before_expert_parallel_ set?)")
+    return engine, scheduler

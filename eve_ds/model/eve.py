@@ -1,0 +1,190 @@
+"""EVE: one shared Transformer over image patches and text tokens (Chen et al., AAAI 2024).
+
+Each pre-norm block has shared self-attention and, per the config, either a multiway FFN (a vision
+FFN for image tokens and a text FFN for text tokens) or a modality-aware sparse MoE FFN. The
+sequence is ``[CLS_img, patches..., CLS_txt, text..., SEP, pad...]``; image tokens come first.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eve_ds.config import EVEConfig
+from eve_ds.model.moe import TEXT, VISION, ModalityAwareMoE
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class FeedForward(nn.Module):
+    """Two-layer MLP with biases: the multiway FFNs and every MoE expert."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, ffn_hidden_size)
+        self.fc2 = nn.Linear(ffn_hidden_size, hidden_size)
+
+    def forward(self, x):
+        return self.fc2(quick_gelu(self.fc1(x)))
+
+
+class Attention(nn.Module):
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.proj = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, x, attn_mask):
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(batch, length, width))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample."""
+
+    def __init__(self, rate: float):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x):
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        return x * keep.bernoulli_(1.0 - self.rate) / (1.0 - self.rate)
+
+
+class MultiwayFFN(nn.Module):
+    """Modality-specific FFNs: image tokens go to ``vision``, text tokens to ``text``."""
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+        super().__init__()
+        self.vision = FeedForward(hidden_size, ffn_hidden_size)
+        self.text = FeedForward(hidden_size, ffn_hidden_size)
+
+    def forward(self, x, num_image_tokens: int):
+        return torch.cat([self.vision(x[:, :num_image_tokens]), self.text(x[:, num_image_tokens:])], dim=1)
+
+
+class MultiwayBlock(nn.Module):
+
+    def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, ep_size: int, ep_rank: int):
+        super().__init__()
+        width = config.hidden_size
+        self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.attn = Attention(width, config.num_heads)
+        self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        if use_moe:
+            self.ffn = ModalityAwareMoE(width, FeedForward(width, config.ffn_hidden_size), config.num_experts,
+                                        ep_size=ep_size, ep_rank=ep_rank, k=config.top_k,
+                                        capacity_factor=config.capacity_factor,
+                                        eval_capacity_factor=config.eval_capacity_factor,
+                                        min_capacity=config.min_capacity, init_std=config.init_std)
+        else:
+            self.ffn = MultiwayFFN(width, config.ffn_hidden_size)
+        self.gamma1 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
+        self.gamma2 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
+        self.drop_path = DropPath(drop_path)
+
+    @property
+    def is_moe(self) -> bool:
+        return isinstance(self.ffn, ModalityAwareMoE)
+
+    def forward(self, x, attn_mask, modality_ids, num_image_tokens: int):
+        """Returns the block output and its auxiliary MoE loss (zero for a multiway block)."""
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x), attn_mask))
+        h = self.norm2(x)
+        if self.is_moe:
+            h, aux_loss = self.ffn(h, modality_ids)
+        else:
+            h, aux_loss = self.ffn(h, num_image_tokens), x.new_zeros(())
+        return x + self.drop_path(self.gamma2 * h), aux_loss
+
+
+class EVE(nn.Module):
+    """The unified encoder. ``ep_size``/``ep_rank`` say which experts this process holds."""
+
+    def __init__(self, config: EVEConfig, ep_size: int = 1, ep_rank: int = 0):
+        super().__init__()
+        self.config = config
+        width = config.hidden_size
+        self.patch_embed = nn.Conv2d(config.in_channels, width, config.patch_size, stride=config.patch_size)
+        self.image_cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.image_pos = nn.Parameter(torch.zeros(1, config.num_image_tokens, width))
+        self.vision_mask_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.token_embed = nn.Embedding(config.vocab_size, width)
+        self.text_pos = nn.Parameter(torch.zeros(1, config.max_text_len, width))
+        self.modality_type_embed = nn.Embedding(2, width)
+        drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
+        self.blocks = nn.ModuleList(
+            MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, ep_size=ep_size, ep_rank=ep_rank)
+            for i in range(config.num_layers))
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.activation_checkpointing = False
+        self._init_weights()
+
+    def _init_weights(self):
+        std = self.config.init_std
+        # Experts initialise themselves (ModalityAwareMoE): how many live here depends on the expert-parallel
+        # size, and the draws from the global RNG must not, so that dense weights match for every ep_size.
+        expert_modules = {id(m) for moe in self.moe_layers() for m in moe.local_experts.modules()}
+        for module in self.modules():
+            if id(module) in expert_modules:
+                continue
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.trunc_normal_(module.weight, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for param in (self.image_cls, self.image_pos, self.vision_mask_embed, self.text_pos):
+            nn.init.trunc_normal_(param, std=std)
+
+    def modality_ids(self, text_len: int, device) -> torch.Tensor:
+        """[sequence] tensor: VISION for image tokens, TEXT for text tokens."""
+        return torch.cat([torch.full((self.config.num_image_tokens, ), VISION, device=device),
+                          torch.full((text_len, ), TEXT, device=device)])
+
+    def embed(self, images, text_ids, image_mask=None):
+        patches = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if image_mask is not None:  # BEiT-style: masked patches stay in the sequence as a learned embedding
+            patches = torch.where(image_mask.unsqueeze(-1), self.vision_mask_embed.to(patches.dtype), patches)
+        image = torch.cat([self.image_cls.expand(patches.shape[0], -1, -1), patches], dim=1) + self.image_pos
+        image = image + self.modality_type_embed.weight[VISION]
+        text = self.token_embed(text_ids) + self.text_pos[:, :text_ids.shape[1]]
+        text = text + self.modality_type_embed.weight[TEXT]
+        return torch.cat([image, text], dim=1)
+
+    def forward(self, images, text_ids, text_padding_mask, image_mask=None):
+        """Encode an image-text batch.
+
+        images: [B, C, H, W]; text_ids: [B, L]; text_padding_mask: [B, L], True for real tokens;
+        image_mask: optional [B, num_patches], True where a patch is masked.
+        Returns hidden states [B, num_image_tokens + L, width] and the summed auxiliary MoE loss.
+        """
+        x = self.embed(images, text_ids, image_mask)
+        batch, text_len = text_ids.shape
+        keep = torch.cat([text_padding_mask.new_ones(batch, self.config.num_image_tokens), text_padding_mask], 1)
+        attn_mask = keep[:, None, None, :]
+        modality_ids = self.modality_ids(text_len, x.device).expand(batch, -1)
+        aux_loss = x.new_zeros((), dtype=torch.float32)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                # Non-reentrant checkpointing restores the RNG state for the recomputation, so the gate's
+                # sampled second expert (and drop path) repeat exactly; the aux loss returned here is the
+                # first pass's, so it is counted once.
+                x, block_aux = torch.utils.checkpoint.checkpoint(block, x, attn_mask, modality_ids,
+                                                                 self.config.num_image_tokens, use_reentrant=False)
+            else:
+                x, block_aux = block(x, attn_mask, modality_ids, self.config.num_image_tokens)
+            aux_loss = aux_loss + block_aux.float()
+        return self.norm(x), aux_loss
+
+    def moe_layers(self):
+        return [block.ffn for block in self.blocks if block.is_moe]

@@ -1,0 +1,90 @@
+"""Modality-aware sparse MoE FFN on top of DeepSpeed's MoE (expert parallelism, GShard top-k gating).
+
+EVE's router sees ``h + e_vision`` for image tokens and ``h + e_text`` for text tokens; the experts
+see ``h`` unchanged. DeepSpeed's ``MOELayer`` routes and dispatches one tensor, but it forwards its
+second input untouched to the gate (``used_token``, which top-2 gating ignores), so the per-token
+modality ids travel through that channel and the gate adds the embedding to its own input only.
+"""
+import torch
+from torch import nn
+from deepspeed.moe.layer import MoE
+from deepspeed.moe.sharded_moe import TopKGate
+
+VISION, TEXT = 0, 1
+NUM_MODALITIES = 2
+
+
+class ModalityAwareGate(TopKGate):
+    """Top-k gate whose router input is the hidden state plus a learned per-modality embedding."""
+
+    def __init__(self, hidden_size: int, num_experts: int, **gate_kwargs):
+        super().__init__(hidden_size, num_experts, **gate_kwargs)
+        self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, hidden_size))
+        nn.init.trunc_normal_(self.modality_embed, std=0.02)
+        # [modality, expert] routed-token counts of the last forward, for logging only.
+        self.register_buffer("expert_load", torch.zeros(NUM_MODALITIES, num_experts), persistent=False)
+
+    def forward(self, input, modality_ids, sparse_routes=False, use_tutel=False):
+        # DeepSpeed samples the second expert with Gumbel noise in eval mode too; evaluation and exported
+        # models must route deterministically, so sample only while training.
+        self.top2_2nd_expert_sampling = self.training
+        modality_ids = modality_ids.reshape(-1)
+        router_input = input.float() + self.modality_embed.float()[modality_ids]
+        gate_output = super().forward(router_input, None, sparse_routes, use_tutel)
+        if sparse_routes:
+            self._record_load(expert_indices=gate_output[3], modality_ids=modality_ids)
+        return gate_output
+
+    @torch.no_grad()
+    def _record_load(self, expert_indices, modality_ids):
+        # expert_indices: [k, tokens], -1 where the capacity limit dropped the route.
+        kept = expert_indices >= 0
+        modality = modality_ids.unsqueeze(0).expand_as(expert_indices)
+        load = torch.zeros_like(self.expert_load)
+        load.index_put_((modality[kept], expert_indices[kept].long()),
+                        torch.ones((), device=load.device), accumulate=True)
+        self.expert_load.copy_(load)
+
+
+class ModalityAwareMoE(MoE):
+    """Sparse top-k MoE FFN with modality-aware routing; ``expert`` is the template of every expert."""
+
+    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int, ep_size: int = 1, ep_rank: int = 0,
+                 k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+                 init_std: float = 0.02):
+        if num_experts % ep_size:
+            raise ValueError(f"num_experts ({num_experts}) is not divisible by expert-parallel size ({ep_size})")
+        gate_kwargs = dict(k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                           min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=True, use_rts=True,
+                           top2_2nd_expert_sampling=True)
+        super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, **gate_kwargs)
+        self.deepspeed_moe.gate = ModalityAwareGate(hidden_size, num_experts, ep_group=None, **gate_kwargs)
+        self._init_experts(ep_rank, init_std)
+
+    @torch.no_grad()
+    def _init_experts(self, ep_rank: int, std: float):
+        # DeepSpeed's experts start as copies of one template. Each expert here draws from a generator keyed
+        # by its global index instead, so the weights differ between experts but not with how experts are
+        # spread over ranks (the base seed comes from the global RNG, which every rank seeds alike).
+        base_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
+        for local_index, expert in enumerate(self.local_experts):
+            generator = torch.Generator().manual_seed(base_seed + ep_rank * self.num_local_experts + local_index)
+            for linear in (module for module in expert.modules() if isinstance(module, nn.Linear)):
+                weight = torch.empty(linear.weight.shape)
+                nn.init.trunc_normal_(weight, std=std, generator=generator)
+                linear.weight.copy_(weight)
+                if linear.bias is not None:
+                    linear.bias.zero_()
+
+    @property
+    def gate(self) -> ModalityAwareGate:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
+
+    def forward(self, hidden_states: torch.Tensor, modality_ids: torch.Tensor):
+        """Returns the FFN output (shape of ``hidden_states``) and the auxiliary load-balancing loss."""
+        output, aux_loss, _ = super().forward(hidden_states, modality_ids)
+        return output, aux_loss

@@ -1,0 +1,36 @@
+"""Parameter counts of an EVE configuration: in all, and activated for one token."""
+from dataclasses import dataclass
+
+from eve_ds.config import EVEConfig
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    total: int
+    activated: int
+
+
+def parameter_counts(config: EVEConfig, with_heads: bool = True) -> ParameterCounts:
+    """Counted from the architecture, independent of how experts are sharded over ranks.
+
+    A token activates the shared weights, one of the two multiway FFNs of an ordinary layer, and
+    ``top_k`` experts of an MoE layer (plus the router).
+    """
+    width, ffn = config.hidden_size, config.ffn_hidden_size
+    linear = lambda fan_in, fan_out: fan_in * fan_out + fan_out  # noqa: E731
+    feed_forward = linear(width, ffn) + linear(ffn, width)
+    layer_norm = 2 * width
+    shared_per_layer = 2 * layer_norm + linear(width, 3 * width) + linear(width, width) + 2 * width  # + gammas
+    router = config.num_experts * width + 2 * width  # gate weight + vision/text router embeddings
+
+    embeddings = (config.in_channels * config.patch_size**2 * width + width  # patch projection
+                  + width + config.num_image_tokens * width + width  # image CLS, positions, mask embedding
+                  + config.vocab_size * width + config.max_text_len * width + 2 * width)  # tokens, positions, types
+    heads = linear(width, config.patch_size**2 * config.in_channels) + linear(width, config.vocab_size)
+    common = embeddings + layer_norm + config.num_layers * shared_per_layer + (heads if with_heads else 0)
+
+    num_moe = len(config.moe_layers)
+    num_multiway = config.num_layers - num_moe
+    total = common + num_multiway * 2 * feed_forward + num_moe * (router + config.num_experts * feed_forward)
+    activated = common + num_multiway * feed_forward + num_moe * (router + config.top_k * feed_forward)
+    return ParameterCounts(total, activated)

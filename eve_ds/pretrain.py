@@ -1,0 +1,260 @@
+"""Masked-signal-modeling pre-training of EVE with DeepSpeed: data, forward, backward, step, log, checkpoint.
+
+Run through the DeepSpeed launcher (see README):
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero2_ep.json
+"""
+import argparse
+import json
+import logging
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from eve_ds.config import ConfigError, preset
+from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
+from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config
+from eve_ds.model.moe import TEXT, VISION
+from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
+from eve_ds.params import parameter_counts
+
+logger = logging.getLogger("eve_ds.pretrain")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Pre-train EVE by masked signal modeling with DeepSpeed.")
+    parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
+    parser.add_argument("--data", default=str(REPO_ROOT / "data/shapes/manifest.jsonl"), help="JSONL manifest")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps to train in all")
+    parser.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
+    parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk")
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
+    parser.add_argument("--image-mask-ratio", type=float, default=MaskingConfig.image_mask_ratio)
+    parser.add_argument("--text-mask-ratio", type=float, default=MaskingConfig.text_mask_ratio)
+    parser.add_argument("--image-masking", choices=("random", "block"), default=MaskingConfig.image_masking)
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each Transformer block in the backward pass")
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.deepspeed_config is None:
+        parser.error("--deepspeed_config is required (e.g. ds_configs/zero2_ep.json)")
+    args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
+    args.tokenizer = Path(args.tokenizer or Path(args.data).parent / "tokenizer.json")
+    return args
+
+
+def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
+    """Dropout, drop path and the gate's sampled second expert draw from the global RNG, reseeded for
+    every micro-step from (seed, step, micro-step, rank): a resumed run needs no saved RNG state."""
+    return ((seed * 1_000_003 + step) * 1_009 + micro_step) * 10_007 + rank
+
+
+def micro_batches(loader, sampler, dataset, batches_per_epoch: int, micro_batch: int, start: int):
+    """Endless micro-batches, beginning after the ``start`` micro-batches this rank already consumed."""
+    epoch, offset = divmod(start, batches_per_epoch)
+    while True:
+        sampler.set_position(epoch, offset * micro_batch)
+        dataset.set_epoch(epoch)
+        yield from loader
+        epoch, offset = epoch + 1, 0
+
+
+def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    dist.all_reduce(values, op=op)
+    return values
+
+
+def peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is in KiB on Linux
+
+
+class RunLog:
+    """Rank 0's outputs: console lines, tensorboard scalars and metrics.jsonl (one object per step)."""
+
+    def __init__(self, out: Path, active: bool, resume_step: int):
+        self.active = active
+        if not active:
+            return
+        self.metrics_path = out / "metrics.jsonl"
+        if resume_step and self.metrics_path.exists():  # drop steps after the checkpoint: they are redone
+            kept = [line for line in self.metrics_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= resume_step]
+            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        self.metrics = self.metrics_path.open("a")
+        self.writer = SummaryWriter(str(out / "tensorboard"))
+
+    def write(self, record: dict):
+        if not self.active:
+            return
+        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"train/{key}", value, record["step"])
+        for layer, load in record.get("expert_load", {}).items():
+            for modality, fractions in load.items():
+                for expert, fraction in enumerate(fractions):
+                    self.writer.add_scalar(f"expert_load/{layer}/{modality}/expert_{expert}", fraction,
+                                           record["step"])
+
+    def close(self):
+        if self.active:
+            self.metrics.close()
+            self.writer.close()
+
+
+def expert_load_fractions(model) -> tuple:
+    """Per MoE layer, the [modality, expert] routed-token counts of the last forward pass."""
+    return tuple(moe.gate.expert_load.clone() for moe in model.encoder.moe_layers())
+
+
+def summarize_expert_load(layer_indices, loads) -> dict:
+    summary = {}
+    for layer, load in zip(layer_indices, loads):
+        fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
+        summary[f"layer_{layer}"] = {"vision": [round(x, 4) for x in fractions[VISION].tolist()],
+                                     "text": [round(x, 4) for x in fractions[TEXT].tolist()]}
+    return summary
+
+
+def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int):
+    engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step:08d}", client_state={**client_state, "step": step})
+    dist.barrier()
+    if engine.global_rank == 0 and keep > 0:
+        tags = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    if not is_main:
+        logging.getLogger().setLevel(logging.WARNING)
+
+    tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len)
+    config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
+    masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
+    ds_config, ep_size = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps)
+    micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
+
+    records, bad_lines = read_manifest(args.data)
+    logger.info("data: %d image-text pairs from %s (%d malformed lines skipped)", len(records), args.data, bad_lines)
+    dataset = ImageTextDataset(records, tokenizer, config.image_size, config.patch_size, masking, seed=args.seed)
+    sampler = ResumableShardSampler(len(dataset), rank, world_size, seed=args.seed)
+    batches_per_epoch = len(sampler) // micro_batch
+    if batches_per_epoch == 0:
+        raise ConfigError(f"{len(dataset)} samples give no full micro batch of {micro_batch} on each of "
+                          f"{world_size} ranks")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
+                                         num_workers=args.num_workers)
+
+    torch.manual_seed(args.seed)
+    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    model.encoder.activation_checkpointing = args.activation_checkpointing
+    counts = parameter_counts(config)
+    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, "
+                "expert-parallel size %d", args.model, counts.total / 1e6, counts.activated / 1e6,
+                config.num_experts, list(config.moe_layers), ep_size)
+    engine, _ = initialize(model, ds_config, ep_size)
+    device = engine.device
+
+    checkpoint_dir = args.out / "checkpoints"
+    start_step = 0
+    if args.resume:
+        if not (checkpoint_dir / "latest").is_file():
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
+        path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+        if client_state.get("model_config") != config.to_dict():
+            raise ConfigError(f"checkpoint {path} was written for another model configuration")
+        start_step = client_state["step"]
+        logger.info("resumed from %s at step %d", path, start_step)
+    if is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+    run_log = RunLog(args.out, is_main, start_step)
+    client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
+
+    batches = micro_batches(loader, sampler, dataset, batches_per_epoch, micro_batch, start_step * accumulation)
+    skipped_images = 0
+    # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
+    progress = tqdm(total=args.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
+                    desc="pre-training", unit="step")
+    step_times = []
+    for step in range(start_step + 1, args.steps + 1):
+        started = time.perf_counter()
+        totals = torch.zeros(len(LOSS_NAMES) + 3, device=device)  # losses, samples, tokens, skipped
+        loads = None
+        for micro_step in range(accumulation):
+            batch = next(batches)
+            skipped = batch.pop("skipped")
+            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            if engine.bfloat16_enabled():
+                batch["images"] = batch["images"].bfloat16()
+            torch.manual_seed(step_seed(args.seed, step, micro_step, rank))
+            outputs = engine(**batch)
+            engine.backward(outputs["loss"])
+            engine.step()
+            totals[:len(LOSS_NAMES)] += torch.stack([outputs[name].detach().float() for name in LOSS_NAMES]) / accumulation
+            totals[-3] += batch["images"].shape[0]
+            totals[-2] += batch["text_padding_mask"].sum() + batch["images"].shape[0] * config.num_image_tokens
+            totals[-1] += skipped.sum()
+            micro_loads = expert_load_fractions(engine.module)
+            loads = micro_loads if loads is None else tuple(a + b for a, b in zip(loads, micro_loads))
+        totals = all_reduce(totals)
+        step_time = time.perf_counter() - started
+        step_times.append(step_time)
+        losses = (totals[:len(LOSS_NAMES)] / world_size).tolist()
+        skipped_images += int(totals[-1])
+        grad_norm = engine.get_global_grad_norm()
+        record = {"step": step, **dict(zip(LOSS_NAMES, losses)), "lr": engine.get_lr()[0],
+                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                  "samples_per_s": float(totals[-3]) / step_time, "tokens_per_s": float(totals[-2]) / step_time,
+                  "step_time_s": step_time, "skipped_images": skipped_images}
+        if step % args.log_interval == 0 or step == args.steps:
+            loads = [all_reduce(load) for load in loads]
+            record["expert_load"] = summarize_expert_load(config.moe_layers, loads)
+            if is_main:
+                progress.write(f"step {step}/{args.steps}  loss {losses[0]:.4f}  image {losses[1]:.4f}  "
+                               f"text {losses[2]:.4f}  aux {losses[3]:.4f}  lr {record['lr']:.2e}  "
+                               f"grad_norm {record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
+                               f"{record['tokens_per_s']:.0f} tokens/s  {step_time:.3f} s/step  "
+                               f"skipped images {skipped_images}")
+        run_log.write(record)
+        progress.update(1)
+        progress.set_postfix(loss=f"{losses[0]:.3f}")
+        if step % args.save_interval == 0 or step == args.steps:
+            save_checkpoint(engine, checkpoint_dir, step, client_state, args.keep_checkpoints)
+
+    progress.close()
+    run_log.close()
+    peak = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op=dist.ReduceOp.MAX).item()
+    timed = step_times[min(5, len(step_times) - 1):] if step_times else [float("nan")]
+    summary = {"steps": args.steps, "world_size": world_size, "expert_parallel_size": ep_size,
+               "mean_step_time_s": sum(timed) / len(timed), "peak_memory_mb_per_rank": peak,
+               "parameters": counts.total, "activated_parameters": counts.activated}
+    if is_main:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("done: %s", json.dumps(summary))
+    dist.barrier()
+    return summary

@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from eve_ds.config import ConfigError, preset
+from eve_ds.engine import expert_parallel_rank, load_deepspeed_config, optimizer_param_groups
+from eve_ds.objectives import MaskedSignalModeling
+from tests.conftest import REPO, small_ds_config
+
+
+def write(tmp_path, config) -> str:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(config) if isinstance(config, dict) else config)
+    return str(path)
+
+
+def test_shipped_config_fills_launch_dependent_values():
+    config, ep_size = load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", world_size=4, num_experts=4,
+                                            train_steps=200)
+    assert ep_size == 2 and "moe" not in config
+    assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * 4
+    assert config["scheduler"]["params"]["total_num_steps"] == 200
+    assert config["scheduler"]["params"]["warmup_num_steps"] == 10
+    assert config["bf16"]["enabled"] is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+@pytest.mark.parametrize("change, world_size, message", [
+    ({"moe": {"expert_parallel_size": 3}}, 4, "does not divide the world size 4"),
+    ({"moe": {"expert_parallel_size": 8}}, 8, "does not divide the model's 4 experts"),
+    ({"moe": {"expert_parallel_size": 0}}, 2, "must be a positive integer"),
+    ({"zero_optimization": {"stage": 3}}, 2, "'zero_optimization.stage' is 3"),
+    ({"train_micro_batch_size_per_gpu": 0}, 2, "'train_micro_batch_size_per_gpu' must be a positive integer"),
+    ({"train_batch_size": 10}, 2, "micro batch 4 x accumulation 1 x 2 ranks = 8"),
+])
+def test_invalid_configs_get_one_clear_sentence(tmp_path, change, world_size, message):
+    with pytest.raises(ConfigError, match=message):
+        load_deepspeed_config(write(tmp_path, small_ds_config(**change)), world_size, num_experts=4, train_steps=10)
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_deepspeed_config(tmp_path / "nope.json", 2, 4, 10)
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_deepspeed_config(write(tmp_path, "{oops"), 2, 4, 10)
+
+
+def test_expert_parallel_rank_follows_deepspeed_layout():
+    assert [expert_parallel_rank(rank, 2) for rank in range(4)] == [0, 1, 0, 1]
+
+
+def test_param_groups_split_experts_and_exempt_norms_from_decay():
+    model = MaskedSignalModeling(preset("eve-tiny"))
+    groups = optimizer_param_groups(model, weight_decay=0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [p for group in groups for p in group["params"]]
+    assert len(grouped) == len(list(model.parameters())) == len({id(p) for p in grouped})
+    for group in groups:
+        group_names = [names[id(p)] for p in group["params"]]
+        if group.get("moe"):
+            assert all("deepspeed_experts" in n for n in group_names)
+        else:
+            assert not any("deepspeed_experts" in n for n in group_names)
+        if group["weight_decay"] > 0:
+            assert not any(n.endswith(("bias", "gamma1", "norm.weight", "modality_embed", "token_embed.weight"))
+                           for n in group_names)
+    assert any(g.get("moe") and g["weight_decay"] == 0.05 for g in groups)

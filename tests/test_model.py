@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from eve_ds.config import ConfigError, EVEConfig, PRESETS, preset
+from eve_ds.model import EVE
+from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.params import parameter_counts
+
+
+def batch(config, size=3, text_len=None, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    text_len = text_len or config.max_text_len
+    images = torch.rand(size, 3, config.image_size, config.image_size, generator=generator) * 2 - 1
+    text_ids = torch.randint(5, config.vocab_size, (size, text_len), generator=generator)
+    padding = torch.ones(size, text_len, dtype=torch.bool)
+    padding[0, text_len // 2:] = False
+    image_mask = torch.rand(size, config.num_patches, generator=generator) < 0.5
+    labels = torch.where(torch.rand(size, text_len, generator=generator) < 0.3, text_ids, -100)
+    labels[~padding] = -100
+    return dict(images=images, image_mask=image_mask, text_ids=text_ids, text_labels=labels,
+                text_padding_mask=padding)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_count_formula_matches_the_module(name):
+    config = PRESETS[name]
+    with torch.device("meta"):
+        model = MaskedSignalModeling(config)
+    assert sum(p.numel() for p in model.parameters()) == parameter_counts(config).total
+
+
+def test_presets_have_the_released_sizes():
+    base, large = preset("eve-base"), preset("eve-large")
+    assert (base.num_layers, base.hidden_size, base.num_heads, base.ffn_hidden_size) == (12, 768, 12, 3072)
+    assert (large.num_layers, large.hidden_size, large.num_heads, large.ffn_hidden_size) == (24, 1024, 16, 4096)
+    assert base.moe_layers == (10, 11) and large.moe_layers == (21, 22, 23)
+    for config in (base, large):
+        assert (config.num_experts, config.top_k, config.aux_loss_weight, config.patch_size) == (32, 2, 0.001, 16)
+        assert config.vocab_size == 64000 and config.drop_path_rate == 0.1
+    # Activated per token: shared weights + one multiway FFN per ordinary layer + 2 of 32 experts per MoE layer.
+    counts = parameter_counts(base, with_heads=False)
+    expert = 2 * 768 * 3072 + 3072 + 768
+    assert counts.total - counts.activated == 10 * expert + 2 * 30 * expert
+    tiny = preset("eve-tiny")
+    assert len(tiny.moe_layers) >= 1 and tiny.num_experts >= 4
+
+
+def test_invalid_configs_name_the_key():
+    with pytest.raises(ConfigError, match="'hidden_size'"):
+        EVEConfig(hidden_size=100, num_heads=12)
+    with pytest.raises(ConfigError, match="'moe_layers'"):
+        EVEConfig(num_layers=4, moe_layers=(4, ))
+    with pytest.raises(ConfigError, match="unknown model config key"):
+        EVEConfig.from_dict({"hidden": 3})
+    with pytest.raises(ConfigError, match="unknown model"):
+        preset("eve-huge")
+
+
+def test_experts_differ_and_do_not_depend_on_expert_parallel_layout():
+    config = preset("eve-tiny")
+    torch.manual_seed(0)
+    whole = EVE(config, ep_size=1)
+    halves = []
+    for ep_rank in range(2):
+        torch.manual_seed(0)
+        halves.append(EVE(config, ep_size=2, ep_rank=ep_rank))
+    whole_state = whole.state_dict()
+    for name, value in halves[0].state_dict().items():
+        if "deepspeed_experts" not in name:
+            torch.testing.assert_close(value, whole_state[name], rtol=0, atol=0, msg=name)
+    for layer, moe in enumerate(whole.moe_layers()):
+        experts = [e.fc1.weight for e in moe.local_experts]
+        assert not torch.equal(experts[0], experts[1])
+        for ep_rank, half in enumerate(halves):
+            for local_index, expert in enumerate(half.moe_layers()[layer].local_experts):
+                torch.testing.assert_close(expert.fc1.weight, experts[2 * ep_rank + local_index], rtol=0, atol=0)
+
+
+def test_padding_tokens_do_not_change_real_outputs():
+    config = preset("eve-tiny").replace(capacity_factor=8.0, eval_capacity_factor=8.0)
+    torch.manual_seed(0)
+    model = EVE(config).eval()
+    inputs = batch(config)
+    hidden, _ = model(inputs["images"], inputs["text_ids"], inputs["text_padding_mask"], inputs["image_mask"])
+    changed = inputs["text_ids"].clone()
+    changed[~inputs["text_padding_mask"]] = 7
+    hidden_changed, _ = model(inputs["images"], changed, inputs["text_padding_mask"], inputs["image_mask"])
+    real = torch.cat([torch.ones(3, config.num_image_tokens, dtype=torch.bool), inputs["text_padding_mask"]], 1)
+    torch.testing.assert_close(hidden[real], hidden_changed[real])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    config = preset("eve-tiny").replace(drop_path_rate=0.1)
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config).train()
+    inputs = batch(config, size=4)
+
+    def loss_and_grads(checkpointing):
+        model.zero_grad()
+        model.encoder.activation_checkpointing = checkpointing
+        torch.manual_seed(123)  # same drop path and sampled second experts in both runs
+        outputs = model(**inputs)
+        outputs["loss"].backward()
+        return outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = loss_and_grads(False)
+    recomputed, recomputed_grads = loss_and_grads(True)
+    for key in ("loss", "aux_loss"):  # the aux loss is counted once, not again by the recomputation
+        torch.testing.assert_close(plain[key], recomputed[key], rtol=0, atol=0)
+    assert plain_grads.keys() == recomputed_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(recomputed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    gate_grad = plain_grads["encoder.blocks.2.ffn.deepspeed_moe.gate.modality_embed"]
+    assert gate_grad.abs().sum() > 0  # the router embeddings learn through the aux loss and gate weights

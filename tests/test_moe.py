@@ -1,0 +1,120 @@
+import math
+
+import pytest
+import torch
+from deepspeed.moe import sharded_moe
+
+from eve_ds.model import FeedForward, ModalityAwareMoE, TEXT, VISION
+
+WIDTH, EXPERTS = 16, 4
+
+
+def make_moe(capacity_factor=4.0, min_capacity=1):
+    torch.manual_seed(0)
+    return ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), EXPERTS, ep_size=1, k=2, capacity_factor=capacity_factor,
+                            eval_capacity_factor=capacity_factor, min_capacity=min_capacity)
+
+
+def tokens(batch=2, length=10, image_tokens=6):
+    hidden = torch.randn(batch, length, WIDTH)
+    modality = torch.full((batch, length), TEXT)
+    modality[:, :image_tokens] = VISION
+    return hidden, modality
+
+
+def test_router_sees_modality_embedding_and_experts_see_plain_hidden_state(monkeypatch):
+    moe = make_moe()
+    hidden, modality = tokens()
+    seen_logits, expert_inputs = [], []
+    real_top2 = sharded_moe.top2gating
+    monkeypatch.setattr(sharded_moe, "top2gating",
+                        lambda logits, *a, **k: seen_logits.append(logits.clone()) or real_top2(logits, *a, **k))
+    for expert in moe.local_experts:
+        expert.register_forward_hook(lambda module, args, output: expert_inputs.append(args[0].detach()))
+    moe.eval()
+    moe(hidden, modality)
+
+    flat = hidden.reshape(-1, WIDTH)
+    router_input = flat + moe.gate.modality_embed.detach()[modality.reshape(-1)]
+    torch.testing.assert_close(seen_logits[0], router_input @ moe.gate.wg.weight.detach().t())
+    # Every non-empty capacity slot an expert processes holds a plain hidden state, never h + e.
+    slots = torch.cat([x.reshape(-1, WIDTH) for x in expert_inputs])
+    filled = slots[slots.abs().sum(-1) > 0]
+    assert len(filled) > 0
+    distance_to_plain = torch.cdist(filled, flat, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert distance_to_plain.max() < 1e-5
+    distance_to_routed = torch.cdist(filled, router_input, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert distance_to_routed.min() > 1e-3
+
+
+def test_modality_embedding_steers_routing_per_modality():
+    moe = make_moe()
+    with torch.no_grad():
+        direction = torch.zeros(WIDTH)
+        direction[0] = 1.0
+        moe.gate.wg.weight.zero_()
+        moe.gate.wg.weight[0] = direction  # expert 0 likes +direction
+        moe.gate.wg.weight[1] = -direction  # expert 1 likes -direction
+        moe.gate.wg.weight[2, 1] = 0.5  # experts 2, 3 are the weaker second choices
+        moe.gate.modality_embed[VISION] = 20 * direction
+        moe.gate.modality_embed[TEXT] = -20 * direction
+    hidden, modality = tokens()
+    moe.eval()
+    moe(hidden * 0.01, modality)
+    load = moe.gate.expert_load
+    num_vision, num_text = int((modality == VISION).sum()), int((modality == TEXT).sum())
+    assert load[VISION, 0] == num_vision and load[VISION, 1] == 0
+    assert load[TEXT, 1] == num_text and load[TEXT, 0] == 0
+    assert load.sum() == 2 * (num_vision + num_text)  # top-2, nothing dropped at this capacity
+
+
+def test_aux_loss_is_gshard_balance_loss():
+    moe = make_moe()
+    hidden, modality = tokens()
+    moe.eval()
+    _, aux = moe(hidden, modality)
+    flat = hidden.reshape(-1, WIDTH) + moe.gate.modality_embed.detach()[modality.reshape(-1)]
+    gates = torch.softmax(flat @ moe.gate.wg.weight.detach().t(), dim=1)
+    top1 = torch.nn.functional.one_hot(gates.argmax(1), EXPERTS).float()
+    expected = (gates.mean(0) * top1.mean(0)).mean() * EXPERTS**2
+    torch.testing.assert_close(aux, expected)
+    assert aux.requires_grad
+
+
+def test_capacity_limits_tokens_per_expert():
+    moe = make_moe(capacity_factor=0.25, min_capacity=1)
+    with torch.no_grad():  # every token prefers expert 0 first and expert 1 second
+        moe.gate.wg.weight.zero_()
+        moe.gate.wg.weight[0, 0], moe.gate.wg.weight[1, 0] = 2.0, 1.0
+        moe.gate.modality_embed.zero_()
+    hidden, modality = tokens(batch=4, length=16)
+    hidden[..., 0] = 5.0
+    moe.eval()
+    output, _ = moe(hidden, modality)
+    num_tokens = hidden.shape[0] * hidden.shape[1]
+    capacity = math.ceil(num_tokens / EXPERTS * 0.25 * 2)
+    per_expert = moe.gate.expert_load.sum(0)
+    assert per_expert[0] == capacity and per_expert[1] == capacity
+    # A token that lost both routes gets a zero FFN output (the residual carries it).
+    dropped = output.reshape(num_tokens, WIDTH).abs().sum(-1) == 0
+    assert int(dropped.sum()) == num_tokens - capacity
+
+
+def test_second_expert_sampling_only_in_training():
+    moe = make_moe()
+    hidden, modality = tokens(batch=8)
+    moe.eval()
+    first, _ = moe(hidden, modality)
+    second, _ = moe(hidden, modality)
+    torch.testing.assert_close(first, second)
+    moe.train()
+    torch.manual_seed(1)
+    sampled_a, _ = moe(hidden, modality)
+    torch.manual_seed(2)
+    sampled_b, _ = moe(hidden, modality)
+    assert not torch.allclose(sampled_a, sampled_b)
+
+
+def test_expert_count_must_divide_over_expert_parallel_ranks():
+    with pytest.raises(ValueError, match="not divisible"):
+        ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), num_experts=6, ep_size=4)

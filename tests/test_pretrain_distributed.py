@@ -1,0 +1,52 @@
+"""Real 2-rank launches on CPU (gloo) of the pre-training entry point."""
+import shutil
+
+import pytest
+
+from tests.conftest import launch_pretrain, read_metrics, small_ds_config
+
+pytestmark = pytest.mark.distributed
+LOSSES = ("loss", "image_loss", "text_loss", "aux_loss")
+
+
+def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest):
+    """ZeRO-2 with ep_size=2 (each rank holds 2 of the 4 experts, tokens cross by all-to-all) gives the
+    losses of ep_size=1 (every rank holds all experts) on the same data and seed."""
+    steps = 4
+    parallel, log = launch_pretrain(tmp_path, tmp_path / "ep2", small_ds_config(), "--steps", steps,
+                                    data=dirty_manifest)
+    replicated, _ = launch_pretrain(tmp_path, tmp_path / "ep1", small_ds_config(moe={"expert_parallel_size": 1}),
+                                    "--steps", steps, data=dirty_manifest)
+    assert [r["step"] for r in parallel] == list(range(1, steps + 1))
+    for ep2, ep1 in zip(parallel, replicated):
+        for key in LOSSES:
+            assert ep2[key] == pytest.approx(ep1[key], rel=1e-4, abs=1e-5), (ep2["step"], key)
+    assert "expert-parallel size 2" in log
+    # Unreadable images are replaced by readable ones and counted.
+    assert parallel[-1]["skipped_images"] > 0
+    assert "2 malformed lines skipped" in log
+    load = parallel[-1]["expert_load"]
+    assert set(load) == {"layer_2", "layer_3"}
+    for layer in load.values():
+        assert sum(layer["vision"]) == pytest.approx(1.0, abs=1e-3)
+        assert sum(layer["text"]) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest):
+    steps, interrupted_at = 6, 3
+    full, _ = launch_pretrain(tmp_path, tmp_path / "full", small_ds_config(), "--steps", steps,
+                              "--save-interval", interrupted_at, data=dirty_manifest)
+    # A run that died after its step-3 checkpoint: same folder state as then.
+    run = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full", run)
+    shutil.rmtree(run / "checkpoints" / f"step_{steps:08d}")
+    (run / "checkpoints" / "latest").write_text(f"step_{interrupted_at:08d}")
+
+    resumed, log = launch_pretrain(tmp_path, run, small_ds_config(), "--steps", steps, "--save-interval",
+                                   interrupted_at, "--resume", data=dirty_manifest)
+    assert "resumed from" in log
+    assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    for before, after in zip(full[interrupted_at:], resumed[interrupted_at:]):
+        for key in LOSSES + ("lr", ):
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
+    assert resumed == read_metrics(run)

@@ -1,0 +1,105 @@
+"""Train a BPE tokenizer on the captions of one or more JSONL manifests.
+
+Each manifest line is a JSON object with a string "caption"; lines that are
+not valid JSON or have no string caption are skipped and counted. Manifests
+are read line by line, so large ones are fine.
+
+The saved tokenizer lowercases and strips accents, splits on whitespace and
+punctuation (marking word starts with "▁" so decoding restores spaces), and
+wraps every single sequence as "[CLS] ... [SEP]". Special token ids are
+fixed: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Padding and truncation
+are left off; the data loader handles them. Training is deterministic.
+
+Usage:
+    python tools/train_tokenizer.py data/shapes/manifest.jsonl --out data/shapes/tokenizer.json
+"""
+import argparse
+import json
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class CaptionReader:
+    """Iterates over the captions of the manifests and counts skipped lines."""
+
+    def __init__(self, manifest_paths):
+        self.manifest_paths = manifest_paths
+        self.captions_read = 0
+        self.lines_skipped = 0
+
+    def __iter__(self):
+        for path in self.manifest_paths:
+            with open(path, encoding="utf-8", errors="replace") as manifest:
+                for line in manifest:
+                    if not line.strip():
+                        continue
+                    try:
+                        caption = json.loads(line).get("caption")
+                    except (json.JSONDecodeError, AttributeError):
+                        caption = None  # not JSON, or JSON that is not an object
+                    if isinstance(caption, str):
+                        self.captions_read += 1
+                        yield caption
+                    else:
+                        self.lines_skipped += 1
+
+
+def build_tokenizer():
+    tokenizer = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    # Splits like the Whitespace pre-tokenizer (words and punctuation apart) but marks
+    # word starts with "▁" so decode() can restore the spaces. An end_of_word_suffix
+    # would do that too, but makes training non-deterministic (tokenizers issue #1794).
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(),
+        pre_tokenizers.Metaspace(prepend_scheme="always", split=False),
+        pre_tokenizers.Punctuation(),
+    ])
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="always", split=False)
+    return tokenizer
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("manifests", nargs="+", type=Path, help="JSONL manifest files")
+    parser.add_argument("--out", type=Path, required=True, help="path of the tokenizer.json to write")
+    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--min-frequency", type=int, default=2)
+    args = parser.parse_args()
+
+    for path in args.manifests:
+        if not path.is_file():
+            raise SystemExit(f"Manifest not found: {path}")
+
+    tokenizer = build_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=args.min_frequency,
+                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
+    reader = CaptionReader(args.manifests)
+    tokenizer.train_from_iterator(reader, trainer=trainer)
+    print(f"read {reader.captions_read} captions, skipped {reader.lines_skipped} malformed lines")
+    if reader.captions_read == 0:
+        raise SystemExit("No captions found in the given manifests.")
+
+    # Special tokens are added first by the trainer; check rather than assume their ids.
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(args.out))
+    sample = tokenizer.encode("A large red circle to the left of a small blue square")
+    print(f"vocab size: {tokenizer.get_vocab_size()}")
+    print(f"sample tokens: {sample.tokens}")
+    print(f"sample ids: {sample.ids}")
+
+
+if __name__ == "__main__":
+    main()
