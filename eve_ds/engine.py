@@ -3,18 +3,27 @@
 The model knows nothing of DeepSpeed launch details; everything distributed is applied from here.
 """
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 import deepspeed
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups
+from deepspeed.utils import groups, set_z3_leaf_modules
 
 from eve_ds.config import ConfigError
+from eve_ds.model.moe import ModalityAwareGate, use_engine_managed_moe
 
 # Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
-MOE_SECTION = "moe"
-SUPPORTED_ZERO_STAGES = (0, 1, 2)
+EVE_SECTION = "eve"
+
+
+@dataclass(frozen=True)
+class ParallelismOptions:
+    """The ``"eve"`` section: what eve-ds applies itself, beside DeepSpeed's own keys."""
+    expert_parallel_size: int = 1
+    activation_checkpointing: bool = False  # recompute each Transformer block in the backward pass
+SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
 
 
 def bf16_available() -> bool:
@@ -22,7 +31,7 @@ def bf16_available() -> bool:
 
 
 def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int) -> tuple:
-    """Reads and validates a DeepSpeed JSON config; returns (config for DeepSpeed, expert-parallel size).
+    """Reads and validates a DeepSpeed JSON config; returns (config for DeepSpeed, ParallelismOptions).
 
     Fills what depends on the launch: ``train_batch_size`` (micro batch x accumulation x data-parallel
     size), ``"auto"`` bf16 (on where the GPU supports it), and the scheduler's ``"auto"`` lengths (all
@@ -39,21 +48,29 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
     def fail(key, message):
         raise ConfigError(f"{path}: '{key}' {message}")
 
-    moe = config.pop(MOE_SECTION, {})
-    ep_size = moe.get("expert_parallel_size", 1)
+    section = config.pop(EVE_SECTION, {})
+    known = {f.name for f in fields(ParallelismOptions)}
+    for key in sorted(set(section) - known):
+        fail(f"{EVE_SECTION}.{key}", f"is not an option; the options are {', '.join(sorted(known))}")
+    options = ParallelismOptions(**section)
+    ep_size = options.expert_parallel_size
     if not isinstance(ep_size, int) or ep_size < 1:
-        fail(f"{MOE_SECTION}.expert_parallel_size", f"must be a positive integer, got {ep_size!r}")
+        fail(f"{EVE_SECTION}.expert_parallel_size", f"must be a positive integer, got {ep_size!r}")
     if world_size % ep_size:
-        fail(f"{MOE_SECTION}.expert_parallel_size",
+        fail(f"{EVE_SECTION}.expert_parallel_size",
              f"is {ep_size}, which does not divide the world size {world_size}; launch a multiple of {ep_size} ranks")
     if num_experts % ep_size:
-        fail(f"{MOE_SECTION}.expert_parallel_size",
+        fail(f"{EVE_SECTION}.expert_parallel_size",
              f"is {ep_size}, which does not divide the model's {num_experts} experts")
+    if not isinstance(options.activation_checkpointing, bool):
+        fail(f"{EVE_SECTION}.activation_checkpointing", f"must be true or false, got {options.activation_checkpointing!r}")
 
+    if "expert_parallel" in config:
+        fail("expert_parallel", f"(DeepSpeed's AutoEP) would replace EVE's MoE layers; set "
+             f"'{EVE_SECTION}.expert_parallel_size' instead")
     stage = config.get("zero_optimization", {}).get("stage", 0)
     if stage not in SUPPORTED_ZERO_STAGES:
-        fail("zero_optimization.stage", f"is {stage}; the MoE model trains under ZeRO stage 0, 1 or 2 "
-             "(ds_configs/zero2_ep.json)")
+        fail("zero_optimization.stage", f"is {stage!r}; ZeRO stages are 0, 1, 2 and 3")
 
     micro_batch = config.get("train_micro_batch_size_per_gpu")
     if not isinstance(micro_batch, int) or micro_batch < 1:
@@ -77,7 +94,7 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         scheduler_params["total_num_steps"] = train_steps
     if scheduler_params.get("warmup_num_steps") == "auto":
         scheduler_params["warmup_num_steps"] = max(1, train_steps // 20)
-    return config, ep_size
+    return config, options
 
 
 def expert_parallel_rank(global_rank: int, ep_size: int) -> int:
@@ -87,7 +104,7 @@ def expert_parallel_rank(global_rank: int, ep_size: int) -> int:
 
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() < 2 or name.endswith(("_pos", "_cls", "_embed", "token_embed.weight",
-                                             "modality_type_embed.weight"))
+                                             "modality_type_embed"))
 
 
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
@@ -102,8 +119,18 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     return split_params_into_different_moe_groups_for_optimizer(param_groups)
 
 
+def zero_stage(ds_config: dict) -> int:
+    return ds_config.get("zero_optimization", {}).get("stage", 0)
+
+
 def initialize(model: torch.nn.Module, ds_config: dict, ep_size: int):
     """Wraps the model in a DeepSpeed engine; returns (engine, lr scheduler)."""
+    if zero_stage(ds_config) == 3:
+        # The gate reads its router weight directly rather than calling that Linear, so ZeRO-3 must gather
+        # the gate's parameters as one leaf module.
+        set_z3_leaf_modules(model, [ModalityAwareGate])
+    else:
+        use_engine_managed_moe(model)
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
                                                    model_parameters=optimizer_param_groups(model, weight_decay))

@@ -1,7 +1,7 @@
 """Masked-signal-modeling pre-training of EVE with DeepSpeed: data, forward, backward, step, log, checkpoint.
 
 Run through the DeepSpeed launcher (see README):
-    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero2_ep.json
+    deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero3.json
 """
 import argparse
 import json
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from eve_ds.config import ConfigError, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
-from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config
+from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage
 from eve_ds.model.moe import TEXT, VISION
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.params import parameter_counts
@@ -37,7 +37,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", default=str(REPO_ROOT / "data/shapes/manifest.jsonl"), help="JSONL manifest")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps to train in all")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps to train in all")
     parser.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk")
     parser.add_argument("--log-interval", type=int, default=10)
@@ -47,13 +47,11 @@ def parse_args(argv=None):
     parser.add_argument("--image-mask-ratio", type=float, default=MaskingConfig.image_mask_ratio)
     parser.add_argument("--text-mask-ratio", type=float, default=MaskingConfig.text_mask_ratio)
     parser.add_argument("--image-masking", choices=("random", "block"), default=MaskingConfig.image_masking)
-    parser.add_argument("--activation-checkpointing", action="store_true",
-                        help="recompute each Transformer block in the backward pass")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     if args.deepspeed_config is None:
-        parser.error("--deepspeed_config is required (e.g. ds_configs/zero2_ep.json)")
+        parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
     args.tokenizer = Path(args.tokenizer or Path(args.data).parent / "tokenizer.json")
     return args
@@ -156,7 +154,8 @@ def main(argv=None):
     tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len)
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
-    ds_config, ep_size = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps)
+    ep_size = parallelism.expert_parallel_size
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
     records, bad_lines = read_manifest(args.data)
@@ -172,11 +171,12 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
-    model.encoder.activation_checkpointing = args.activation_checkpointing
+    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
-    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, "
-                "expert-parallel size %d", args.model, counts.total / 1e6, counts.activated / 1e6,
-                config.num_experts, list(config.moe_layers), ep_size)
+    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s; "
+                "ZeRO stage %d, expert-parallel size %d, activation checkpointing %s", args.model,
+                counts.total / 1e6, counts.activated / 1e6, config.num_experts, list(config.moe_layers),
+                zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
     engine, _ = initialize(model, ds_config, ep_size)
     device = engine.device
 

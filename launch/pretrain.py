@@ -1,4 +1,4 @@
-"""Entry point: deepspeed [--num_gpus N] launch/pretrain.py --deepspeed_config ds_configs/zero2_ep.json [...]"""
+"""Entry point: deepspeed [--num_gpus N] launch/pretrain.py --deepspeed_config ds_configs/zero3.json [...]"""
 import sys
 from pathlib import Path
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job: pre-trains eve-tiny on the embedded data set with ZeRO-2 and expert parallelism over
-# 2 ranks (CPU, or 2 GPUs where present). Extra arguments go to launch/pretrain.py.
+# The main job: pre-trains eve-tiny on the embedded data set with ZeRO-3, expert parallelism and
+# activation checkpointing over 2 ranks (CPU, or 2 GPUs where present). Extra arguments go to
+# launch/pretrain.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup_env.sh
@@ -9,4 +10,4 @@ if ! python -c "import torch, sys; sys.exit(torch.cuda.device_count() < 2)"; the
   export DS_ACCELERATOR=cpu
 fi
 set -x
-deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero2_ep.json "$@"
+deepspeed --num_gpus 2 launch/pretrain.py --deepspeed_config ds_configs/zero3.json "$@"

@@ -28,7 +28,7 @@ def small_ds_config(**overrides) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "weight_decay": 0.05, "torch_adam": True}},
         "scheduler": {"type": "WarmupCosineLR",
                       "params": {"total_num_steps": "auto", "warmup_num_steps": "auto", "warmup_type": "linear"}},
-        "moe": {"expert_parallel_size": 2},
+        "eve": {"expert_parallel_size": 2},
     }
     config.update(overrides)
     return config

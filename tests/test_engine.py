@@ -15,10 +15,12 @@ def write(tmp_path, config) -> str:
     return str(path)
 
 
-def test_shipped_config_fills_launch_dependent_values():
-    config, ep_size = load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", world_size=4, num_experts=4,
+@pytest.mark.parametrize("name", ["zero2_ep", "zero3", "zero3_offload"])
+def test_shipped_configs_fill_launch_dependent_values(name):
+    config, options = load_deepspeed_config(REPO / "ds_configs" / f"{name}.json", world_size=4, num_experts=4,
                                             train_steps=200)
-    assert ep_size == 2 and "moe" not in config
+    assert options.expert_parallel_size == 2 and "eve" not in config
+    assert options.activation_checkpointing == name.startswith("zero3")
     assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * 4
     assert config["scheduler"]["params"]["total_num_steps"] == 200
     assert config["scheduler"]["params"]["warmup_num_steps"] == 10
@@ -26,10 +28,13 @@ def test_shipped_config_fills_launch_dependent_values():
 
 
 @pytest.mark.parametrize("change, world_size, message", [
-    ({"moe": {"expert_parallel_size": 3}}, 4, "does not divide the world size 4"),
-    ({"moe": {"expert_parallel_size": 8}}, 8, "does not divide the model's 4 experts"),
-    ({"moe": {"expert_parallel_size": 0}}, 2, "must be a positive integer"),
-    ({"zero_optimization": {"stage": 3}}, 2, "'zero_optimization.stage' is 3"),
+    ({"eve": {"expert_parallel_size": 3}}, 4, "does not divide the world size 4"),
+    ({"eve": {"expert_parallel_size": 8}}, 8, "does not divide the model's 4 experts"),
+    ({"eve": {"expert_parallel_size": 0}}, 2, "must be a positive integer"),
+    ({"eve": {"expert_paralel_size": 2}}, 2, "'eve.expert_paralel_size' is not an option"),
+    ({"eve": {"activation_checkpointing": "yes"}}, 2, "must be true or false"),
+    ({"zero_optimization": {"stage": 4}}, 2, "'zero_optimization.stage' is 4"),
+    ({"expert_parallel": {"enabled": True, "autoep_size": 2}}, 2, "set 'eve.expert_parallel_size' instead"),
     ({"train_micro_batch_size_per_gpu": 0}, 2, "'train_micro_batch_size_per_gpu' must be a positive integer"),
     ({"train_batch_size": 10}, 2, "micro batch 4 x accumulation 1 x 2 ranks = 8"),
 ])

@@ -15,7 +15,7 @@ def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest
     steps = 4
     parallel, log = launch_pretrain(tmp_path, tmp_path / "ep2", small_ds_config(), "--steps", steps,
                                     data=dirty_manifest)
-    replicated, _ = launch_pretrain(tmp_path, tmp_path / "ep1", small_ds_config(moe={"expert_parallel_size": 1}),
+    replicated, _ = launch_pretrain(tmp_path, tmp_path / "ep1", small_ds_config(eve={"expert_parallel_size": 1}),
                                     "--steps", steps, data=dirty_manifest)
     assert [r["step"] for r in parallel] == list(range(1, steps + 1))
     for ep2, ep1 in zip(parallel, replicated):
@@ -32,17 +32,25 @@ def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest
         assert sum(layer["text"]) == pytest.approx(1.0, abs=1e-3)
 
 
-def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest):
+ZERO3_EP_CHECKPOINTED = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                         "eve": {"expert_parallel_size": 2, "activation_checkpointing": True}}
+
+
+@pytest.mark.parametrize("overrides", [{}, ZERO3_EP_CHECKPOINTED], ids=["zero2_ep", "zero3_ep_checkpointed"])
+def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides):
     steps, interrupted_at = 6, 3
-    full, _ = launch_pretrain(tmp_path, tmp_path / "full", small_ds_config(), "--steps", steps,
-                              "--save-interval", interrupted_at, data=dirty_manifest)
+    ds_config = small_ds_config(**overrides)
+    full, log = launch_pretrain(tmp_path, tmp_path / "full", ds_config, "--steps", steps,
+                                "--save-interval", interrupted_at, data=dirty_manifest)
+    if overrides:
+        assert "ZeRO stage 3, expert-parallel size 2, activation checkpointing on" in log
     # A run that died after its step-3 checkpoint: same folder state as then.
     run = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full", run)
     shutil.rmtree(run / "checkpoints" / f"step_{steps:08d}")
     (run / "checkpoints" / "latest").write_text(f"step_{interrupted_at:08d}")
 
-    resumed, log = launch_pretrain(tmp_path, run, small_ds_config(), "--steps", steps, "--save-interval",
+    resumed, log = launch_pretrain(tmp_path, run, ds_config, "--steps", steps, "--save-interval",
                                    interrupted_at, "--resume", data=dirty_manifest)
     assert "resumed from" in log
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))

@@ -117,7 +117,7 @@ class EVE(nn.Module):
         self.vision_mask_embed = nn.Parameter(torch.zeros(1, 1, width))
         self.token_embed = nn.Embedding(config.vocab_size, width)
         self.text_pos = nn.Parameter(torch.zeros(1, config.max_text_len, width))
-        self.modality_type_embed = nn.Embedding(2, width)
+        self.modality_type_embed = nn.Parameter(torch.zeros(2, width))
         drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
         self.blocks = nn.ModuleList(
             MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, ep_size=ep_size, ep_rank=ep_rank)
@@ -143,7 +143,7 @@ class EVE(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for param in (self.image_cls, self.image_pos, self.vision_mask_embed, self.text_pos):
+        for param in (self.image_cls, self.image_pos, self.vision_mask_embed, self.text_pos, self.modality_type_embed):
             nn.init.trunc_normal_(param, std=std)
 
     def modality_ids(self, text_len: int, device) -> torch.Tensor:
@@ -156,9 +156,9 @@ class EVE(nn.Module):
         if image_mask is not None:  # BEiT-style: masked patches stay in the sequence as a learned embedding
             patches = torch.where(image_mask.unsqueeze(-1), self.vision_mask_embed.to(patches.dtype), patches)
         image = torch.cat([self.image_cls.expand(patches.shape[0], -1, -1), patches], dim=1) + self.image_pos
-        image = image + self.modality_type_embed.weight[VISION]
+        image = image + self.modality_type_embed[VISION]
         text = self.token_embed(text_ids) + self.text_pos[:, :text_ids.shape[1]]
-        text = text + self.modality_type_embed.weight[TEXT]
+        text = text + self.modality_type_embed[TEXT]
         return torch.cat([image, text], dim=1)
 
     def forward(self, images, text_ids, text_padding_mask, image_mask=None):

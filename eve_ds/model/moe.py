@@ -7,8 +7,10 @@ modality ids travel through that channel and the gate adds the embedding to its 
 """
 import torch
 from torch import nn
+from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
-from deepspeed.moe.sharded_moe import TopKGate
+from deepspeed.moe.sharded_moe import MOELayer, TopKGate
+from deepspeed.utils import groups
 
 VISION, TEXT = 0, 1
 NUM_MODALITIES = 2
@@ -46,20 +48,36 @@ class ModalityAwareGate(TopKGate):
         self.expert_load.copy_(load)
 
 
-class ModalityAwareMoE(MoE):
-    """Sparse top-k MoE FFN with modality-aware routing; ``expert`` is the template of every expert."""
+class ModalityAwareMoE(nn.Module):
+    """Sparse top-k MoE FFN with modality-aware routing; ``expert`` is the template of every expert.
+
+    Built from DeepSpeed's MoE pieces (``MOELayer`` for dispatch and all-to-all, ``Experts``), with the
+    attributes and ``set_deepspeed_parallelism`` hook the DeepSpeed engine expects of an MoE layer.
+    """
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int, ep_size: int = 1, ep_rank: int = 0,
                  k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  init_std: float = 0.02):
+        nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
         if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) is not divisible by expert-parallel size ({ep_size})")
-        gate_kwargs = dict(k=k, capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                           min_capacity=min_capacity, noisy_gate_policy=None, drop_tokens=True, use_rts=True,
-                           top2_2nd_expert_sampling=True)
-        super().__init__(hidden_size, expert, num_experts=num_experts, ep_size=ep_size, **gate_kwargs)
-        self.deepspeed_moe.gate = ModalityAwareGate(hidden_size, num_experts, ep_group=None, **gate_kwargs)
+        self.num_experts, self.ep_size = num_experts, ep_size
+        self.num_local_experts = num_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        gate = ModalityAwareGate(hidden_size, num_experts, k=k, capacity_factor=capacity_factor,
+                                 eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
+                                 noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self._init_experts(ep_rank, init_std)
+
+    @property
+    def gate(self) -> ModalityAwareGate:
+        return self.deepspeed_moe.gate
+
+    @property
+    def local_experts(self) -> nn.ModuleList:
+        return self.deepspeed_moe.experts.deepspeed_experts
 
     @torch.no_grad()
     def _init_experts(self, ep_rank: int, std: float):
@@ -76,15 +94,36 @@ class ModalityAwareMoE(MoE):
                 if linear.bias is not None:
                     linear.bias.zero_()
 
-    @property
-    def gate(self) -> ModalityAwareGate:
-        return self.deepspeed_moe.gate
-
-    @property
-    def local_experts(self) -> nn.ModuleList:
-        return self.deepspeed_moe.experts.deepspeed_experts
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False):
+        """Called by the DeepSpeed engine: joins the expert-parallel group, and tags expert parameters so that
+        ZeRO-3 partitions each over the expert-data-parallel group (the ranks holding the same experts)
+        rather than over all ranks, as it does for AutoEP's experts."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_ is not supported: experts are initialised for "
+                             "DeepSpeed's default layout of expert-parallel groups")
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(self.ep_size)
+        self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
+        expert_data_parallel_group = groups._get_expert_data_parallel_group(self.expert_group_name)
+        for param in self.local_experts.parameters():
+            param.ds_zero_placement_family = "autoep_expert"
+            param.ds_zero_partition_group_name = self.expert_group_name
+            param.ds_zero_partition_process_group = expert_data_parallel_group
 
     def forward(self, hidden_states: torch.Tensor, modality_ids: torch.Tensor):
         """Returns the FFN output (shape of ``hidden_states``) and the auxiliary load-balancing loss."""
-        output, aux_loss, _ = super().forward(hidden_states, modality_ids)
-        return output, aux_loss
+        output = self.deepspeed_moe(hidden_states, modality_ids)
+        return output, self.deepspeed_moe.l_aux
+
+
+class EngineManagedMoE(ModalityAwareMoE, MoE):
+    """The same layer, seen by the DeepSpeed engine as its native MoE: ZeRO stages 0-2 then reduce expert
+    gradients over the expert-data-parallel group and write one checkpoint file per expert. Stage 3
+    refuses native MoE layers, so there the plain ``ModalityAwareMoE`` runs with tagged experts."""
+
+
+def use_engine_managed_moe(model: nn.Module, enabled: bool = True):
+    """Switches every MoE layer of ``model`` between the two classes (same parameters, same behaviour)."""
+    for module in model.modules():
+        if isinstance(module, ModalityAwareMoE):
+            module.__class__ = EngineManagedMoE if enabled else ModalityAwareMoE

@@ -1,0 +1,121 @@
+"""Per-rank training-state memory of EVE under a DeepSpeed config, against the ideal of total / ranks.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/memory.py --model eve-base \\
+        --deepspeed_config ds_configs/zero3.json
+
+Builds the model, takes one training step on a random micro batch of one sample (so that the optimizer
+state exists) and the backward pass of a second, then, before the second optimizer step, counts the
+bytes of every tensor alive on each rank, each storage once: the weights, gradients and optimizer
+states this rank holds, plus buffers. The ideal is the fp32
+training state of the whole model (4 bytes of weight + 4 of gradient + 8 of AdamW moments per
+parameter) divided by the number of ranks.
+"""
+import argparse
+import gc
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eve_ds.config import preset  # noqa: E402
+from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage  # noqa: E402
+from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
+from eve_ds.params import parameter_counts  # noqa: E402
+
+BYTES_PER_PARAMETER = 4 + 4 + 8
+
+
+def _storages(tensors) -> dict:
+    found = {}
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor) and not tensor.is_meta and tensor.numel() > 0:
+            storage = tensor.untyped_storage()
+            found[storage.data_ptr()] = storage.nbytes()
+    return found
+
+
+def memory_breakdown(engine) -> dict:
+    """Bytes of live tensor storage on this rank: model weights (what the module holds, ZeRO-3 partitions
+    included), the optimizer's fp32 master weights with their gradients, its moments, and the rest
+    (gradient buckets and other buffers). Each storage is counted once, in the first category it is in."""
+    zero = engine.optimizer
+    inner = zero.optimizer if hasattr(zero, "optimizer") else zero
+    # ZeRO-1/2 keep fp32 master partitions in single_partition_of_fp32_groups, ZeRO-3 in
+    # fp32_partitioned_groups_flat (outside the inner optimizer's groups between steps).
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    masters += list(getattr(zero, "single_partition_of_fp32_groups", [])) + list(getattr(zero, "fp32_partitioned_groups_flat", []))
+    gradients = [p.grad for p in masters] + [p.grad for p in engine.module.parameters()]
+    gradients += [getattr(zero, "grad_partitions_flat_buffer", None)]
+    categories = {
+        "weights": _storages([t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None))]),
+        "master_weights": _storages(masters),
+        "gradients": _storages(gradients),
+        "optimizer_moments": _storages([t for state in inner.state.values() for t in state.values()]),
+        "other": _storages(obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)),
+    }
+    seen, breakdown = set(), {}
+    for name, storages in categories.items():
+        breakdown[name] = sum(size for ptr, size in storages.items() if ptr not in seen)
+        seen.update(storages)
+    breakdown["total"] = sum(breakdown.values())
+    return breakdown
+
+
+def random_micro_batch(config, size: int) -> dict:
+    text = torch.randint(5, config.vocab_size, (size, config.max_text_len))
+    return {"images": torch.rand(size, 3, config.image_size, config.image_size) * 2 - 1,
+            "image_mask": torch.rand(size, config.num_patches) < 0.75, "text_ids": text,
+            "text_labels": torch.where(torch.rand(size, config.max_text_len) < 0.5, text, -100),
+            "text_padding_mask": torch.ones(size, config.max_text_len, dtype=torch.bool)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="eve-base")
+    parser.add_argument("--deepspeed_config", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    config = preset(args.model)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10)
+    ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"] = 1, world_size
+    ds_config["bf16"] = {"enabled": False}
+    ep_size = parallelism.expert_parallel_size
+
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
+    engine, _ = initialize(model, ds_config, ep_size)
+    batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1).items()}
+    engine.backward(engine(**batch)["loss"])
+    engine.step()
+    engine.backward(engine(**batch)["loss"])  # gradients now live beside the optimizer state
+    del batch
+    gc.collect()
+
+    per_rank = [None] * world_size
+    dist.all_gather_object(per_rank, memory_breakdown(engine))
+    if rank == 0:
+        total = parameter_counts(config).total
+        ideal = BYTES_PER_PARAMETER * total / world_size
+        report = {"model": args.model, "config": Path(args.deepspeed_config).name, "zero_stage": zero_stage(ds_config),
+                  "expert_parallel_size": ep_size, "ranks": world_size, "parameters": total,
+                  "ideal_bytes_per_rank": ideal, "per_rank": per_rank}
+        gib = lambda size: f"{size / 2**30:.2f}"  # noqa: E731
+        print(f"{args.model} {report['config']} (ZeRO-{report['zero_stage']}, ep {ep_size}, {world_size} ranks), "
+              f"GiB per rank; ideal total/N {gib(ideal)}")
+        for rank_index, breakdown in enumerate(per_rank):
+            print(f"  rank {rank_index}: " + ", ".join(f"{name} {gib(size)}" for name, size in breakdown.items())
+                  + f" ({breakdown['total'] / ideal:.2f} x ideal)")
+        print("RESULT " + json.dumps(report))
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""One DeepSpeed training step on every rank of a launch; rank 0 saves the losses and the updated weights,
+gathered from their ZeRO partitions and expert-parallel ranks under global names. Used by
+tests/test_step_parity.py, which compares them with a single-process reference step."""
+import argparse
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
+from eve_ds.pretrain import step_seed  # noqa: E402
+from tests.parity import PARITY_CONFIG, SEED, global_batch, global_expert_name, shard  # noqa: E402
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--deepspeed_config", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, PARITY_CONFIG.num_experts, 1)
+    ep_size = parallelism.expert_parallel_size
+
+    torch.manual_seed(SEED)
+    model = MaskedSignalModeling(PARITY_CONFIG, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
+    engine, _ = initialize(model, ds_config, ep_size)
+
+    batch = shard(global_batch(ds_config["train_micro_batch_size_per_gpu"] * world_size), rank, world_size)
+    torch.manual_seed(step_seed(SEED, 1, 0, rank))
+    loss = engine(**batch)["loss"]
+    engine.backward(loss)
+    engine.step()
+
+    num_local_experts = PARITY_CONFIG.num_experts // ep_size
+    weights = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            weights[global_expert_name(name, expert_parallel_rank(rank, ep_size), num_local_experts)] = \
+                param.detach().clone()
+    gathered_weights, losses = [None] * world_size, [None] * world_size
+    dist.all_gather_object(gathered_weights, weights)
+    dist.all_gather_object(losses, loss.item())
+    if rank == 0:
+        merged = {name: tensor for part in gathered_weights for name, tensor in part.items()}
+        torch.save({"losses": losses, "weights": merged}, args.out)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
