@@ -50,7 +50,8 @@ def memory_breakdown(engine) -> dict:
     masters = [p for group in inner.param_groups for p in group["params"]]
     masters += list(getattr(zero, "single_partition_of_fp32_groups", [])) + list(getattr(zero, "fp32_partitioned_groups_flat", []))
     gradients = [p.grad for p in masters] + [p.grad for p in engine.module.parameters()]
-    gradients += [getattr(zero, "grad_partitions_flat_buffer", None)]
+    gradients += [getattr(zero, "grad_partitions_flat_buffer", None)]  # ZeRO-3
+    gradients += [g for grads in getattr(zero, "averaged_gradients", {}).values() for g in grads or []]  # ZeRO-1/2
     categories = {
         "weights": _storages([t for p in engine.module.parameters() for t in (p.data, getattr(p, "ds_tensor", None))]),
         "master_weights": _storages(masters),
