@@ -1,13 +1,10 @@
-"""What a distributed step and its single-process reference share: the model, the batch, the names."""
-import re
-
+"""What a distributed step and its single-process reference share: the model and the batch."""
 import torch
 
 from eve_ds.config import preset
 
 SEED = 0
 PARITY_CONFIG = preset("eve-tiny").replace(vocab_size=300, drop_path_rate=0.1, capacity_factor=1.5)
-EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 
 
 def global_batch(size: int) -> dict:
@@ -24,8 +21,3 @@ def global_batch(size: int) -> dict:
 
 def shard(batch: dict, rank: int, world_size: int) -> dict:
     return {key: value.chunk(world_size)[rank] for key, value in batch.items()}
-
-
-def global_expert_name(name: str, ep_rank: int, num_local_experts: int) -> str:
-    """``...deepspeed_experts.<local>...`` on expert-parallel rank r -> ``...deepspeed_experts.<global>...``"""
-    return EXPERT_KEY.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)

@@ -1,6 +1,7 @@
-"""One DeepSpeed training step on every rank of a launch; rank 0 saves the losses and the updated weights,
-gathered from their ZeRO partitions and expert-parallel ranks under global names. Used by
-tests/test_step_parity.py, which compares them with a single-process reference step."""
+"""One DeepSpeed training step on every rank of a launch, then a checkpoint and an eval-mode forward pass.
+Rank 0 saves the losses, the eval losses and the updated weights, gathered from their ZeRO partitions and
+expert-parallel ranks under global names. Used by tests/test_step_parity.py, which compares them with a
+single-process reference step and with the consolidated checkpoint."""
 import argparse
 import sys
 from pathlib import Path
@@ -14,13 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.pretrain import step_seed  # noqa: E402
-from tests.parity import PARITY_CONFIG, SEED, global_batch, global_expert_name, shard  # noqa: E402
+from eve_ds.checkpoint.consolidate import global_expert_name  # noqa: E402
+from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="gloo")
@@ -39,18 +42,25 @@ def main():
     engine.backward(loss)
     engine.step()
 
+    engine.save_checkpoint(args.checkpoint_dir, tag="step_1",
+                           client_state={"model_config": PARITY_CONFIG.to_dict(), "step": 1})
+    engine.eval()
+    with torch.no_grad():  # eval mode routes deterministically: the reference for consolidated weights
+        evaluation = {name: value.item() for name, value in engine(**batch).items()}
+
     num_local_experts = PARITY_CONFIG.num_experts // ep_size
     weights = {}
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
             weights[global_expert_name(name, expert_parallel_rank(rank, ep_size), num_local_experts)] = \
                 param.detach().clone()
-    gathered_weights, losses = [None] * world_size, [None] * world_size
+    gathered_weights, losses, evaluations = [None] * world_size, [None] * world_size, [None] * world_size
     dist.all_gather_object(gathered_weights, weights)
     dist.all_gather_object(losses, loss.item())
+    dist.all_gather_object(evaluations, evaluation)
     if rank == 0:
         merged = {name: tensor for part in gathered_weights for name, tensor in part.items()}
-        torch.save({"losses": losses, "weights": merged}, args.out)
+        torch.save({"losses": losses, "weights": merged, "eval": evaluations}, args.out)
     dist.barrier()
 
 

@@ -1,5 +1,6 @@
-"""One distributed training step (2 ranks, CPU) against a single-process reference step on the same
-global batch: same loss, same updated weights."""
+"""One distributed training step (2 or 4 ranks, CPU) against a single-process reference step on the same
+global batch: same loss, same updated weights; and the checkpoint it writes, consolidated into one file,
+reproduces the distributed model's eval-mode outputs."""
 import functools
 import json
 import os
@@ -9,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from eve_ds.checkpoint import consolidate, save_pretrained
 from eve_ds.engine import optimizer_param_groups
 from eve_ds.objectives import MaskedSignalModeling
 from eve_ds.pretrain import step_seed
@@ -18,9 +20,18 @@ from tests.parity import PARITY_CONFIG, SEED, global_batch, shard
 pytestmark = pytest.mark.distributed
 MICRO_BATCH, LR = 4, 1e-3
 OPTIMIZER = {"lr": LR, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 0.05}
+LAYOUTS = {  # world size, ZeRO stage, expert-parallel size, activation checkpointing
+    "zero3_ep2": (2, 3, 2, True),  # experts spread by expert parallelism (the zero3.json layout)
+    "zero3_ep2_4ranks": (4, 3, 2, False),  # ... each expert partitioned over its 2 expert-data-parallel ranks
+    "zero3_ep1": (2, 3, 1, False),  # every expert partitioned over all ranks
+    "zero2_ep2": (2, 2, 2, False),  # zero2_ep.json
+}
 
 
-def distributed_step(tmp_path, world_size: int, stage: int, ep_size: int, activation_checkpointing: bool):
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def distributed_run(request, tmp_path_factory):
+    world_size, stage, ep_size, activation_checkpointing = LAYOUTS[request.param]
+    tmp_path = tmp_path_factory.mktemp(request.param)
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
               "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "torch_adam": True}},
@@ -29,11 +40,11 @@ def distributed_step(tmp_path, world_size: int, stage: int, ep_size: int, activa
     config_path.write_text(json.dumps(config))
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(world_size), "--master_port",
                str(free_port()), str(REPO / "tests" / "step_parity_worker.py"), "--deepspeed_config",
-               str(config_path), "--out", str(out)]
+               str(config_path), "--out", str(out), "--checkpoint-dir", str(tmp_path / "checkpoints")]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return torch.load(out, weights_only=True)
+    return world_size, stage, torch.load(out, weights_only=True), tmp_path / "checkpoints"
 
 
 @functools.lru_cache
@@ -54,19 +65,29 @@ def reference_step(world_size: int):
     return losses, initial, {name: param.detach() for name, param in model.named_parameters()}
 
 
-@pytest.mark.parametrize("world_size, stage, ep_size, activation_checkpointing", [
-    (2, 3, 2, True),  # ZeRO-3 with experts spread by expert parallelism (the zero3.json layout)
-    (4, 3, 2, False),  # ... and each expert partitioned over its 2 expert-data-parallel ranks
-    (2, 3, 1, False),  # ZeRO-3 with every expert partitioned over all ranks
-    (2, 2, 2, False),  # ZeRO-2 with expert parallelism (zero2_ep.json)
-])
-def test_distributed_step_matches_single_process_reference(tmp_path, world_size, stage, ep_size,
-                                                           activation_checkpointing):
+def test_distributed_step_matches_single_process_reference(distributed_run):
+    world_size, _, result, _ = distributed_run
     reference_losses, initial_weights, reference_weights = reference_step(world_size)
-    result = distributed_step(tmp_path, world_size, stage, ep_size, activation_checkpointing)
     assert result["losses"] == pytest.approx(reference_losses, rel=1e-5)
     assert result["weights"].keys() == reference_weights.keys()
     for name, expected in reference_weights.items():
         # AdamW's first step moves every weight by about the learning rate, far above the tolerance.
         assert (expected - initial_weights[name]).abs().max() > 100 * 2e-6, name
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_consolidated_checkpoint_reproduces_distributed_eval_outputs(distributed_run, tmp_path):
+    world_size, stage, result, checkpoint_dir = distributed_run
+    checkpoint = consolidate(checkpoint_dir)
+    assert (checkpoint.zero_stage, checkpoint.step, checkpoint.model_config) == (stage, 1, PARITY_CONFIG)
+    for name, tensor in checkpoint.state_dict.items():
+        torch.testing.assert_close(tensor, result["weights"][name], rtol=0, atol=0, msg=name)
+    save_pretrained(tmp_path / "consolidated", checkpoint.state_dict, checkpoint.model_config)
+
+    model = MaskedSignalModeling.from_pretrained(tmp_path / "consolidated").eval()
+    batch = global_batch(MICRO_BATCH * world_size)
+    with torch.no_grad():
+        for rank in range(world_size):
+            outputs = model(**shard(batch, rank, world_size))
+            for name, value in result["eval"][rank].items():
+                assert outputs[name].item() == pytest.approx(value, rel=1e-5, abs=1e-6), (rank, name)

@@ -186,5 +186,15 @@ class EVE(nn.Module):
             aux_loss = aux_loss + block_aux.float()
         return self.norm(x), aux_loss
 
+    @classmethod
+    def from_pretrained(cls, path) -> "EVE":
+        """The encoder from a consolidated checkpoint folder (tools/consolidate.py); the pre-training heads
+        in it are left out. Every expert is local (expert-parallel size 1)."""
+        from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
+
+        state_dict, config = load_pretrained(path)
+        encoder = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
+        return load_state_dict_strictly(cls(config), encoder, path)
+
     def moe_layers(self):
         return [block.ffn for block in self.blocks if block.is_moe]

@@ -35,6 +35,14 @@ class MaskedSignalModeling(nn.Module):
             nn.init.trunc_normal_(head.weight, std=config.init_std)
             nn.init.zeros_(head.bias)
 
+    @classmethod
+    def from_pretrained(cls, path) -> "MaskedSignalModeling":
+        """Encoder and pre-training heads from a consolidated checkpoint folder (tools/consolidate.py)."""
+        from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
+
+        state_dict, config = load_pretrained(path)
+        return load_state_dict_strictly(cls(config), state_dict, path)
+
     def forward(self, images, image_mask, text_ids, text_labels, text_padding_mask):
         hidden, aux_loss = self.encoder(images, text_ids, text_padding_mask, image_mask)
         num_image_tokens = self.config.num_image_tokens

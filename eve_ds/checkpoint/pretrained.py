@@ -1,0 +1,68 @@
+"""Consolidated weights on disk: ``model.safetensors`` plus ``config.json`` in one folder."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from eve_ds.config import EVEConfig
+
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def _write_atomically(path: Path, write):
+    """Writes through a temporary name in the same folder, so a crash never leaves a partial file."""
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.float32, source: dict = None):
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state_dict.items()}
+    description = {"format": "eve-ds", "dtype": str(dtype).removeprefix("torch."), "model_config": config.to_dict(),
+                   "source": source or {}}
+    _write_atomically(out_dir / WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    _write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
+
+
+def load_pretrained(path) -> tuple:
+    """Returns (state dict, EVEConfig) from a folder written by save_pretrained (tools/consolidate.py)."""
+    path = Path(path)
+    for name in (WEIGHTS, CONFIG):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} does not exist (write it with tools/consolidate.py)")
+    try:
+        description = json.loads((path / CONFIG).read_text())
+        config = EVEConfig.from_dict(description["model_config"])
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
+    try:
+        state_dict = load_file(str(path / WEIGHTS))
+    except (SafetensorError, OSError) as error:
+        raise ValueError(f"{path / WEIGHTS}: cannot be read ({error})") from None
+    return state_dict, config
+
+
+def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict, source, ignored_prefixes=()):
+    """Loads every weight or fails with a report of missing, unexpected and mis-shaped keys."""
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignored_prefixes))}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
+                   for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        lines = [f"{source} does not fit the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state_dict)
+    return module

@@ -1,0 +1,116 @@
+"""tools/consolidate.py on real checkpoints of short 2-rank pre-training runs, good and damaged."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eve_ds.checkpoint import CheckpointError, consolidate, load_pretrained
+from eve_ds.checkpoint import pretrained
+from eve_ds.model import EVE
+from eve_ds.objectives import MaskedSignalModeling
+from tests.conftest import REPO, launch_pretrain, small_ds_config
+
+pytestmark = pytest.mark.distributed
+ZERO3 = {"zero_optimization": {"stage": 3}, "eve": {"expert_parallel_size": 2}}
+
+
+@pytest.fixture(scope="module", params=["zero2_ep", "zero3_ep"])
+def run(request, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp(request.param)
+    overrides = ZERO3 if request.param == "zero3_ep" else {}
+    launch_pretrain(tmp_path, tmp_path / "run", small_ds_config(**overrides), "--steps", 3, "--save-interval", 1,
+                    "--keep-checkpoints", 3)
+    return tmp_path / "run" / "checkpoints"
+
+
+def consolidate_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "consolidate.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
+    result = consolidate_cli(run, tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    assert "step 3" in result.stdout
+    state_dict, config = load_pretrained(tmp_path / "out")
+    description = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert description["source"]["step"] == 3 and description["dtype"] == "float32"
+    assert all(tensor.dtype == torch.float32 for tensor in state_dict.values())
+    full = MaskedSignalModeling.from_pretrained(tmp_path / "out")
+    encoder = EVE.from_pretrained(tmp_path / "out")
+    for name, tensor in encoder.state_dict().items():
+        torch.testing.assert_close(tensor, full.encoder.state_dict()[name], rtol=0, atol=0)
+    experts = [state_dict[f"encoder.blocks.2.ffn.deepspeed_moe.experts.deepspeed_experts.{e}.fc1.weight"]
+               for e in range(config.num_experts)]
+    assert all(not torch.equal(experts[0], other) for other in experts[1:])
+
+    older = consolidate(run, tag="step_00000001")  # DeepSpeed's warmup gives the first two steps lr 0
+    assert older.step == 1
+    assert any(not torch.equal(older.state_dict[k], v) for k, v in state_dict.items())
+
+    assert consolidate_cli(run, tmp_path / "bf16", "--dtype", "bf16").returncode == 0
+    bf16, _ = load_pretrained(tmp_path / "bf16")
+    assert all(tensor.dtype == torch.bfloat16 for tensor in bf16.values())
+
+
+def damaged_copy(run, tmp_path):
+    copy = tmp_path / "damaged"
+    shutil.copytree(run, copy)
+    return copy, copy / (copy / "latest").read_text().strip()
+
+
+def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
+    checkpoints, tag_dir = damaged_copy(run, tmp_path)
+    victim = next(tag_dir.glob("layer_1_expert_3_*")) if (tag_dir / "mp_rank_00_model_states.pt").exists() \
+        else next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
+    victim.write_bytes(victim.read_bytes()[:1000])  # truncated
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 2
+    assert victim.name in result.stderr and "cannot be read" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+    victim.unlink()
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 2 and victim.name in result.stderr and "missing" in result.stderr
+
+    result = consolidate_cli(tmp_path, tmp_path / "out")
+    assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr
+    result = consolidate_cli(checkpoints, tmp_path / "out", "--tag", "step_99")
+    assert result.returncode == 2 and "'step_99' does not exist" in result.stderr
+
+
+def test_checkpoint_of_another_model_size_is_refused(run, tmp_path):
+    checkpoints, tag_dir = damaged_copy(run, tmp_path)
+    states_path = next(p for p in sorted(tag_dir.glob("*model_states.pt")) if not p.name.startswith("layer_"))
+    states = torch.load(states_path, weights_only=False)
+    states["model_config"]["hidden_size"] = 256  # claims another size than its weights have
+    torch.save(states, states_path)
+    with pytest.raises(CheckpointError, match="does not match its model config"):
+        consolidate(checkpoints)
+
+
+def test_loading_into_another_model_reports_keys(run, tmp_path):
+    assert consolidate_cli(run, tmp_path / "out").returncode == 0
+    description = json.loads((tmp_path / "out" / "config.json").read_text())
+    description["model_config"]["num_layers"] = 3
+    description["model_config"]["moe_layers"] = [2]
+    (tmp_path / "out" / "config.json").write_text(json.dumps(description))
+    with pytest.raises(ValueError, match=r"does not fit the model:\n  \d+ unexpected: blocks.3"):
+        EVE.from_pretrained(tmp_path / "out")
+
+
+def test_interrupted_write_leaves_no_partial_file(run, tmp_path, monkeypatch):
+    checkpoint = consolidate(run)
+
+    def crash(tensors, path, metadata=None):
+        with open(path, "wb") as partial:
+            partial.write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrained, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrained.save_pretrained(tmp_path / "out", checkpoint.state_dict, checkpoint.model_config)
+    assert list((tmp_path / "out").iterdir()) == []
