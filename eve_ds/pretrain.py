@@ -11,6 +11,7 @@ import resource
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from eve_ds.checkpoint.consolidate import global_expert_name
+from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.config import ConfigError, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
 from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage
@@ -42,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk")
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--resume-from", default=None,
+                        help="continue from a universal checkpoint folder (tools/reshard.py), at any world size, "
+                             "expert-parallel size and ZeRO stage")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
     parser.add_argument("--image-mask-ratio", type=float, default=MaskingConfig.image_mask_ratio)
@@ -50,6 +56,8 @@ def parse_args(argv=None):
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
+    if args.resume and args.resume_from:
+        parser.error("--resume and --resume-from exclude each other")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
@@ -169,8 +177,15 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers)
 
+    ep_rank = expert_parallel_rank(rank, ep_size)
+    global_name = partial(global_expert_name, ep_rank=ep_rank, num_local_experts=config.num_experts // ep_size)
     torch.manual_seed(args.seed)
-    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=ep_rank)
+    universal = load_universal(args.resume_from) if args.resume_from else None
+    if universal is not None:
+        if universal.model_config != config:
+            raise ConfigError(f"{args.resume_from} was written for another model configuration")
+        model.load_state_dict({name: universal.weights[global_name(name)] for name in model.state_dict()})
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s; "
@@ -190,6 +205,10 @@ def main(argv=None):
             raise ConfigError(f"checkpoint {path} was written for another model configuration")
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", path, start_step)
+    elif universal is not None:
+        restore_optimizer_state(engine, universal, global_name)
+        start_step = universal.step
+        logger.info("resumed from universal checkpoint %s at step %d", args.resume_from, start_step)
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(args.out, is_main, start_step)

@@ -1,11 +1,17 @@
-"""One full state dict from an eve-ds DeepSpeed checkpoint of any ZeRO stage, data- and expert-parallel size.
+"""Full tensors from an eve-ds DeepSpeed checkpoint of any ZeRO stage, data- and expert-parallel size.
 
-ZeRO 0-2 (engine-managed MoE) write the dense weights whole in ``mp_rank_00_model_states.pt`` and each
-expert in ``layer_L_expert_E_mp_rank_00_model_states.pt`` under its global index. ZeRO-3 writes, per
-rank, the parameter shapes (``zero_pp_rank_R_mp_rank_00_model_states.pt``) and that rank's fp32 slices
-(``..._optim_states.pt``): every parameter of a sub-group is cut into ``ceil(numel / n)`` pieces over
-the sub-group's ``n`` partition ranks, which are all ranks for dense weights and, for experts, the
-expert-data-parallel group recorded in ``ds_zero_partition_groups``.
+Every layout stores fp32 weights and AdamW moments as flat per-rank partitions of optimizer groups:
+
+* ZeRO-1/2 (``zero_pp_rank_R_mp_rank_00_optim_states.pt``): a group's flat buffer is cut into one
+  contiguous piece per partition rank; ``param_slice_mappings`` says where each parameter's fragment lies
+  in a rank's piece. ``mp_rank_00_model_states.pt`` holds the shapes and the trainer's client state.
+* ZeRO-3 (``zero_pp_rank_R_mp_rank_00_{model,optim}_states.pt``): every parameter is cut into
+  ``ceil(numel / n)`` pieces, one per partition rank, laid end to end in each rank's flat buffer.
+
+Dense groups are partitioned over all ranks; expert groups over the expert-data-parallel group (the
+ranks that hold the same experts), and expert names are local to their expert-parallel rank.
+ZeRO stage 0 has no partitions: its weights come whole from ``mp_rank_00_model_states.pt`` and
+``layer_L_expert_E_mp_rank_00_model_states.pt``, without optimizer moments.
 """
 import math
 import re
@@ -15,16 +21,18 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 
 from eve_ds.config import EVEConfig
 from eve_ds.engine import expert_parallel_rank
 
 DENSE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
-ZERO3_MODEL_STATES = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_model_states\.pt")
+RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
 EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+MOMENTS = ("exp_avg", "exp_avg_sq")
 # What DeepSpeed pickles beside tensors; allowed so that files load with weights_only=True.
-DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler]
+DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
 class CheckpointError(ValueError):
@@ -33,11 +41,15 @@ class CheckpointError(ValueError):
 
 @dataclass
 class ConsolidatedCheckpoint:
-    state_dict: dict
+    state_dict: dict  # full weights under global names
     model_config: EVEConfig
     zero_stage: int
     step: int
     source: Path
+    client_state: dict  # what the trainer stored beside the weights
+    moments: dict = None  # {"exp_avg": {name: tensor}, "exp_avg_sq": {...}}; None for ZeRO stage 0
+    optimizer_steps: int = None
+    lr_scheduler: dict = None
     notes: list = field(default_factory=list)
 
 
@@ -51,7 +63,7 @@ def load_file(path: Path) -> dict:
         raise CheckpointError(f"{path}: file is missing")
     try:
         with torch.serialization.safe_globals(DEEPSPEED_SAFE_GLOBALS):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated zip, foreign pickle, ...
         raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]})") from None
 
@@ -76,14 +88,107 @@ def resolve_tag_dir(checkpoint_dir, tag=None) -> Path:
     return tag_dir
 
 
+class _Layout:
+    """Which ranks share a partition of an optimizer group, and global names of expert parameters."""
+
+    def __init__(self, config: EVEConfig, world_size: int, param_shapes: list):
+        first_moe = f"encoder.blocks.{config.moe_layers[0]}.ffn." if config.moe_layers else "-"
+        local = {m[2] for shapes in param_shapes for name in shapes
+                 if name.startswith(first_moe) and (m := EXPERT_KEY.search(name))}
+        self.ep_size = config.num_experts // len(local) if local else 1
+        self.num_local_experts = config.num_experts // self.ep_size
+        self.world_size = world_size
+
+    def members(self, rank: int, names) -> list:
+        if any(EXPERT_KEY.search(name) for name in names):
+            ep_rank = expert_parallel_rank(rank, self.ep_size)
+            return [r for r in range(self.world_size) if expert_parallel_rank(r, self.ep_size) == ep_rank]
+        return list(range(self.world_size))
+
+    def global_name(self, name: str, rank: int) -> str:
+        return global_expert_name(name, expert_parallel_rank(rank, self.ep_size), self.num_local_experts)
+
+
+def _unflatten(tag_dir, layout, param_shapes, flats, piece_of):
+    """Full tensors of every optimizer group: ``flats[rank][group]`` is a rank's flat partition and
+    ``piece_of(rank, group, name, numel, offset)`` gives (start, length) of ``name``'s piece in it."""
+    tensors = {}
+    for group, shapes in enumerate(param_shapes):
+        for rank in range(layout.world_size):
+            members = layout.members(rank, shapes)
+            if members[0] != rank:  # each partition group is read once, from its first member
+                continue
+            offset = 0
+            for name, shape in shapes.items():
+                numel = math.prod(shape)
+                pieces = []
+                for member in members:
+                    start, length = piece_of(member, group, name, numel, offset)
+                    flat = flats[member][group]
+                    if start + length > flat.numel():
+                        raise CheckpointError(f"{tag_dir}: partitions of rank {member} are shorter than the "
+                                              f"parameter shapes say (truncated or mismatched files)")
+                    pieces.append(flat.narrow(0, start, length))
+                offset += math.ceil(numel / len(members))
+                full = torch.cat(pieces)[:numel]
+                if full.numel() != numel:
+                    raise CheckpointError(f"{tag_dir}: {name} has {full.numel()} of its {numel} values")
+                tensors[layout.global_name(name, rank)] = full.view(shape).clone()
+    return tensors
+
+
+def _rank_files(tag_dir: Path) -> list:
+    ranks = {int(m[1]): path for path in tag_dir.iterdir() if (m := RANK_FILE.fullmatch(path.name))}
+    if sorted(ranks) != list(range(len(ranks))):
+        raise CheckpointError(f"{tag_dir}: optimizer states of ranks {sorted(ranks)}; expected 0..{len(ranks) - 1}")
+    return [ranks[rank] for rank in range(len(ranks))]
+
+
 def _model_config(states: dict, path: Path) -> EVEConfig:
     if "model_config" not in states:
         raise CheckpointError(f"{path}: has no 'model_config' (not written by eve-ds)")
     return EVEConfig.from_dict(states["model_config"])
 
 
-def _consolidate_engine_moe(tag_dir: Path):
-    """ZeRO 0-2: dense weights whole, one file per expert."""
+def _inner_optimizer(optim: dict, path: Path) -> dict:
+    inner = optim.get("base_optimizer_state") or optim.get("optimizer_state_dict")
+    if not inner or "state" not in inner:
+        raise CheckpointError(f"{path}: holds no optimizer state")
+    return inner
+
+
+def _read_partitioned(tag_dir: Path, optim_files: list):
+    optims = [load_file(path)["optimizer_state_dict"] for path in optim_files]
+    zero3 = "fp32_flat_groups" in optims[0]
+    model_files = [path.with_name(path.name.replace("optim_states", "model_states")) for path in optim_files] \
+        if zero3 else [tag_dir / DENSE_STATES]
+    model_states = [load_file(path) for path in model_files]
+    config = _model_config(model_states[0], model_files[0])
+    param_shapes = model_states[0]["param_shapes"]
+    layout = _Layout(config, len(optims), param_shapes)
+    inners = [_inner_optimizer(optim, path) for optim, path in zip(optims, optim_files)]
+
+    if zero3:
+        def piece_of(rank, group, name, numel, offset):
+            return offset, math.ceil(numel / len(layout.members(rank, param_shapes[group])))
+        weights = [optim["fp32_flat_groups"] for optim in optims]
+    else:
+        def piece_of(rank, group, name, numel, offset):
+            fragment = optims[rank]["param_slice_mappings"][group].get(name)
+            return (fragment.start, fragment.numel) if fragment is not None else (0, 0)
+        weights = [optim["single_partition_of_fp32_groups"] for optim in optims]
+
+    def moment(key):
+        return [[inner["state"][group][key] for group in range(len(param_shapes))] for inner in inners]
+
+    state_dict = _unflatten(tag_dir, layout, param_shapes, weights, piece_of)
+    moments = {key: _unflatten(tag_dir, layout, param_shapes, moment(key), piece_of) for key in MOMENTS}
+    steps = int(inners[0]["state"][0]["step"])
+    return state_dict, config, 3 if zero3 else model_states[0]["ds_config"]["zero_optimization"]["stage"], \
+        model_states[0], moments, steps
+
+
+def _read_stage0(tag_dir: Path):
     path = tag_dir / DENSE_STATES
     states = load_file(path)
     config = _model_config(states, path)
@@ -91,58 +196,7 @@ def _consolidate_engine_moe(tag_dir: Path):
     for layer in range(len(config.moe_layers)):
         for expert in range(config.num_experts):
             state_dict.update(load_file(tag_dir / EXPERT_STATES.format(layer=layer, expert=expert)))
-    notes = []
-    dtypes = {tensor.dtype for tensor in state_dict.values()}
-    if dtypes != {torch.float32}:
-        notes.append(f"ZeRO 0-2 checkpoint: weights taken from the module copy in {sorted(map(str, dtypes))}, "
-                     "not from the fp32 optimizer partitions")
-    return state_dict, config, states, notes
-
-
-def _consolidate_zero3(tag_dir: Path, rank_files: dict):
-    ranks = sorted(rank_files)
-    if ranks != list(range(len(ranks))):
-        raise CheckpointError(f"{tag_dir}: ZeRO-3 model states of ranks {ranks}; expected 0..{len(ranks) - 1}")
-    model_states = {rank: load_file(rank_files[rank]) for rank in ranks}
-    optim_states = {}
-    for rank in ranks:
-        path = tag_dir / rank_files[rank].name.replace("model_states", "optim_states")
-        optim_states[rank] = load_file(path)["optimizer_state_dict"]
-        if "fp32_flat_groups" not in optim_states[rank]:
-            raise CheckpointError(f"{path}: no fp32_flat_groups (not a ZeRO-3 optimizer state)")
-    config = _model_config(model_states[0], rank_files[0])
-
-    def partition_ranks(rank, sub_group):
-        metadata = optim_states[rank].get("ds_zero_partition_groups")
-        return metadata[sub_group]["partition_ranks"] if metadata else ranks
-
-    # Expert-parallel size: how many experts of the first MoE layer one rank's shapes name.
-    first_moe = f"encoder.blocks.{config.moe_layers[0]}.ffn." if config.moe_layers else None
-    local_experts = {m[2] for shapes in model_states[0]["param_shapes"] for name in shapes
-                     if first_moe and name.startswith(first_moe) and (m := EXPERT_KEY.search(name))}
-    ep_size = config.num_experts // len(local_experts) if local_experts else 1
-
-    state_dict = {}
-    for sub_group, shapes in enumerate(model_states[0]["param_shapes"]):
-        done = set()
-        for rank in ranks:
-            members = tuple(partition_ranks(rank, sub_group))
-            if members in done:
-                continue
-            done.add(members)
-            flats = [optim_states[member]["fp32_flat_groups"][sub_group] for member in members]
-            offset = 0
-            for name, shape in model_states[members[0]]["param_shapes"][sub_group].items():
-                numel = math.prod(shape)
-                piece = math.ceil(numel / len(members))
-                if offset + piece > min(flat.numel() for flat in flats):
-                    raise CheckpointError(f"{tag_dir}: ZeRO-3 partitions of sub-group {sub_group} are shorter "
-                                          "than their parameter shapes (truncated or mismatched files)")
-                full = torch.cat([flat.narrow(0, offset, piece) for flat in flats])[:numel]
-                ep_rank = expert_parallel_rank(members[0], ep_size)
-                state_dict[global_expert_name(name, ep_rank, config.num_experts // ep_size)] = full.view(shape).clone()
-                offset += piece
-    return state_dict, config, model_states[0], []
+    return state_dict, config, 0, states, None, None
 
 
 def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
@@ -161,15 +215,15 @@ def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
 
 def consolidate(checkpoint_dir, tag=None) -> ConsolidatedCheckpoint:
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
-    zero3_files = {int(m[1]): path for path in tag_dir.iterdir() if (m := ZERO3_MODEL_STATES.fullmatch(path.name))}
-    if (tag_dir / DENSE_STATES).is_file():
-        state_dict, config, states, notes = _consolidate_engine_moe(tag_dir)
-    elif zero3_files:
-        state_dict, config, states, notes = _consolidate_zero3(tag_dir, zero3_files)
+    optim_files = _rank_files(tag_dir)
+    if optim_files:
+        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, optim_files)
+    elif (tag_dir / DENSE_STATES).is_file():
+        state_dict, config, stage, states, moments, steps = _read_stage0(tag_dir)
     else:
-        raise CheckpointError(f"{tag_dir}: neither {DENSE_STATES} nor zero_pp_rank_*_model_states.pt")
+        raise CheckpointError(f"{tag_dir}: neither zero_pp_rank_*_optim_states.pt nor {DENSE_STATES}")
     _check_complete(state_dict, config, tag_dir)
-    stage = 3 if not (tag_dir / DENSE_STATES).is_file() else states.get("ds_config", {}).get(
-        "zero_optimization", {}).get("stage", 0)
+    client_keys = ("model_config", "masking", "seed", "step")
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
-                                  tag_dir, notes)
+                                  tag_dir, {key: states[key] for key in client_keys if key in states},
+                                  moments, steps, states.get("lr_scheduler"))

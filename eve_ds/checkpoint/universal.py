@@ -1,0 +1,105 @@
+"""A training checkpoint independent of the cluster shape: full fp32 weights, full AdamW moments and the
+trainer's position, which a run of any world size, expert-parallel size and ZeRO stage can resume from.
+
+The folder is also a consolidated weights folder (model.safetensors + config.json, see pretrained.py),
+with ``optimizer.safetensors`` (``exp_avg/<name>``, ``exp_avg_sq/<name>``) and ``trainer_state.json``.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from eve_ds.checkpoint.consolidate import MOMENTS, CheckpointError, ConsolidatedCheckpoint
+from eve_ds.checkpoint.pretrained import _write_atomically, load_pretrained, save_pretrained
+from eve_ds.config import EVEConfig
+
+OPTIMIZER, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
+
+
+@dataclass
+class UniversalCheckpoint:
+    weights: dict
+    moments: dict
+    model_config: EVEConfig
+    step: int
+    optimizer_steps: int
+    lr_scheduler: dict
+    client_state: dict
+
+
+def save_universal(out_dir, checkpoint: ConsolidatedCheckpoint):
+    if checkpoint.moments is None:
+        raise CheckpointError(f"{checkpoint.source}: ZeRO stage {checkpoint.zero_stage} checkpoints keep no "
+                              "partitioned optimizer state to reshard")
+    out_dir = Path(out_dir)
+    source = {"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage, "step": checkpoint.step}
+    save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source)
+    moments = {f"{key}/{name}": tensor.contiguous() for key in MOMENTS for name, tensor in checkpoint.moments[key].items()}
+    _write_atomically(out_dir / OPTIMIZER, lambda path: save_file(moments, str(path)))
+    state = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps,
+             "lr_scheduler": checkpoint.lr_scheduler, "client_state": checkpoint.client_state}
+    _write_atomically(out_dir / TRAINER_STATE, lambda path: path.write_text(json.dumps(state, indent=2) + "\n"))
+
+
+def load_universal(path) -> UniversalCheckpoint:
+    path = Path(path)
+    for name in (OPTIMIZER, TRAINER_STATE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} does not exist (write the folder with tools/reshard.py)")
+    weights, config = load_pretrained(path)
+    flat = load_file(str(path / OPTIMIZER))
+    moments = {key: {name.removeprefix(f"{key}/"): t for name, t in flat.items() if name.startswith(f"{key}/")}
+               for key in MOMENTS}
+    for key in MOMENTS:
+        if moments[key].keys() != weights.keys():
+            raise CheckpointError(f"{path / OPTIMIZER}: its {key} tensors do not match the weights' names")
+    state = json.loads((path / TRAINER_STATE).read_text())
+    return UniversalCheckpoint(weights, moments, config, state["step"], state["optimizer_steps"],
+                               state["lr_scheduler"], state["client_state"])
+
+
+def _set_zero3_optimizer_state(zero, param, value, key):
+    # DeepSpeed's safe_set_full_optimizer_state slices the unpadded value, which fails on the last
+    # partition ranks of a parameter whose size the partition count does not divide; pad it first.
+    partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
+    rank = zero._get_param_partition_rank(param)
+    padded = torch.zeros(partition.numel() * zero._get_param_partition_world_size(param), device=value.device)
+    padded[:value.numel()] = value.flatten()
+    partition.copy_(padded.narrow(0, rank * partition.numel(), partition.numel()))
+
+
+@torch.no_grad()
+def restore_optimizer_state(engine, universal: UniversalCheckpoint, global_name):
+    """Sets the AdamW moments and step count of a DeepSpeed engine (ZeRO 1-3, any layout) from full
+    tensors; the weights must already be in the model that the engine was built from."""
+    from deepspeed.utils import safe_set_full_optimizer_state
+
+    zero = engine.optimizer
+    inner = zero.optimizer
+    # torch's AdamW creates its state at its first step; create it now (zeros, overwritten below) for the
+    # fp32 partitions: ZeRO-1/2 keep them in the inner optimizer's groups, ZeRO-3 apart between steps.
+    partitions = getattr(zero, "fp32_partitioned_groups_flat", None) or \
+        [flat for group in inner.param_groups for flat in group["params"]]
+    for flat in partitions:
+        if "exp_avg" not in inner.state.get(flat, {}):
+            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                 "exp_avg_sq": torch.zeros_like(flat)}
+    lazy_link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
+    if lazy_link is not None:  # ZeRO-1/2 link each parameter's fragment of that state on first use
+        lazy_link()
+    for name, param in engine.module.named_parameters():
+        for key in MOMENTS:
+            value = universal.moments[key][global_name(name)].to(param.device)
+            if hasattr(param, "ds_id"):
+                _set_zero3_optimizer_state(zero, param, value, key)
+            else:
+                safe_set_full_optimizer_state(param, value, key)
+    if not inner.state:
+        raise RuntimeError("the optimizer has no state to restore into (DeepSpeed did not initialise it)")
+    for state in inner.state.values():
+        state["step"] = torch.full_like(state["step"], universal.optimizer_steps) \
+            if torch.is_tensor(state["step"]) else universal.optimizer_steps
+    # step(n), not load_state_dict: DeepSpeed's schedulers set the optimizer's learning rate only in step().
+    engine.lr_scheduler.step(universal.lr_scheduler["last_batch_iteration"])

@@ -1,0 +1,59 @@
+"""tools/reshard.py: a checkpoint of one cluster shape resumed at another (real launches, CPU)."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from eve_ds.checkpoint.universal import load_universal
+from tests.conftest import REPO, launch_pretrain, small_ds_config
+
+pytestmark = pytest.mark.distributed
+ZERO3_EP2 = small_ds_config(zero_optimization={"stage": 3}, eve={"expert_parallel_size": 2})
+ZERO2_EP1 = small_ds_config(eve={"expert_parallel_size": 1})
+
+
+def reshard(*args):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), *map(str, args)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
+    steps, interrupted_at = 5, 3
+    original, _ = launch_pretrain(tmp_path, tmp_path / "original", ZERO3_EP2, "--steps", steps, "--save-interval",
+                                  interrupted_at, "--keep-checkpoints", 3)
+    reshard(tmp_path / "original" / "checkpoints", tmp_path / "universal", "--tag", f"step_{interrupted_at:08d}")
+    universal = load_universal(tmp_path / "universal")
+    assert (universal.step, universal.optimizer_steps) == (interrupted_at, interrupted_at)
+
+    # Same world size, other expert-parallel size and ZeRO stage: the very loss sequence goes on (the
+    # second resumed step depends on the restored AdamW moments, step count and learning rate).
+    resumed, log = launch_pretrain(tmp_path, tmp_path / "ep1", ZERO2_EP1, "--steps", steps, "--resume-from",
+                                   tmp_path / "universal")
+    assert "resumed from universal checkpoint" in log and "expert-parallel size 1" in log
+    for before, after in zip(original[interrupted_at:], resumed[interrupted_at:]):
+        assert after["step"] == before["step"]
+        for key in ("loss", "image_loss", "text_loss", "aux_loss", "lr"):
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
+
+    # Two ranks with ep 2 -> one rank -> back to two ranks with ep 2.
+    single, _ = launch_pretrain(tmp_path, tmp_path / "one_rank", small_ds_config(eve={"expert_parallel_size": 1}),
+                                "--steps", steps, "--save-interval", interrupted_at + 1, "--resume-from",
+                                tmp_path / "universal", num_ranks=1)
+    assert [r["step"] for r in single] == [4, 5]
+    reshard(tmp_path / "one_rank" / "checkpoints", tmp_path / "universal_1", "--tag", f"step_{4:08d}")
+    after_one_step = load_universal(tmp_path / "universal_1")
+    assert (after_one_step.step, after_one_step.optimizer_steps) == (4, 4)
+    assert any(not torch.equal(after_one_step.weights[k], v) for k, v in universal.weights.items())
+    back, _ = launch_pretrain(tmp_path, tmp_path / "back", ZERO3_EP2, "--steps", steps, "--resume-from",
+                              tmp_path / "universal_1")
+    assert [r["step"] for r in back] == [5] and back[0]["loss"] == pytest.approx(single[-1]["loss"], rel=0.2)
+
+
+def test_reshard_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), str(tmp_path), str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr
+    assert not (tmp_path / "o").exists()
