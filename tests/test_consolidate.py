@@ -64,8 +64,7 @@ def damaged_copy(run, tmp_path):
 
 def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
     checkpoints, tag_dir = damaged_copy(run, tmp_path)
-    victim = next(tag_dir.glob("layer_1_expert_3_*")) if (tag_dir / "mp_rank_00_model_states.pt").exists() \
-        else next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
+    victim = next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
     result = consolidate_cli(checkpoints, tmp_path / "out")
     assert result.returncode == 2
@@ -75,6 +74,17 @@ def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
     victim.unlink()
     result = consolidate_cli(checkpoints, tmp_path / "out")
     assert result.returncode == 2 and victim.name in result.stderr and "missing" in result.stderr
+
+    if (tag_dir / "mp_rank_00_model_states.pt").exists():  # ZeRO 1-2 write one file per expert
+        shutil.copy(run / tag_dir.name / victim.name, victim)
+        expert_file = next(tag_dir.glob("layer_1_expert_3_*"))
+        expert_file.write_bytes(expert_file.read_bytes()[:1000])
+        result = consolidate_cli(checkpoints, tmp_path / "out")
+        assert result.returncode == 2 and expert_file.name in result.stderr and "cannot be read" in result.stderr
+        expert_file.unlink()
+        result = consolidate_cli(checkpoints, tmp_path / "out")
+        assert result.returncode == 2 and expert_file.name in result.stderr and "missing" in result.stderr
+        assert not (tmp_path / "out").exists()
 
     result = consolidate_cli(tmp_path, tmp_path / "out")
     assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr

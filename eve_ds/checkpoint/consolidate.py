@@ -28,7 +28,8 @@ from eve_ds.engine import expert_parallel_rank
 
 DENSE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
-RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt")
+RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
+RANK_OPTIM_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
 EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # What DeepSpeed pickles beside tensors; allowed so that files load with weights_only=True.
@@ -137,11 +138,10 @@ def _unflatten(tag_dir, layout, param_shapes, flats, piece_of):
     return tensors
 
 
-def _rank_files(tag_dir: Path) -> list:
-    ranks = {int(m[1]): path for path in tag_dir.iterdir() if (m := RANK_FILE.fullmatch(path.name))}
-    if sorted(ranks) != list(range(len(ranks))):
-        raise CheckpointError(f"{tag_dir}: optimizer states of ranks {sorted(ranks)}; expected 0..{len(ranks) - 1}")
-    return [ranks[rank] for rank in range(len(ranks))]
+def _expert_files(tag_dir: Path, config: EVEConfig) -> list:
+    """ZeRO 0-2 write one file per (MoE layer, global expert)."""
+    return [tag_dir / EXPERT_STATES.format(layer=layer, expert=expert)
+            for layer in range(len(config.moe_layers)) for expert in range(config.num_experts)]
 
 
 def _model_config(states: dict, path: Path) -> EVEConfig:
@@ -157,15 +157,20 @@ def _inner_optimizer(optim: dict, path: Path) -> dict:
     return inner
 
 
-def _read_partitioned(tag_dir: Path, optim_files: list):
+def _read_partitioned(tag_dir: Path, zero3: bool):
+    states_path = tag_dir / (RANK_MODEL_STATES.format(rank=0) if zero3 else DENSE_STATES)
+    states = load_file(states_path)
+    config = _model_config(states, states_path)
+    world_size = states["dp_world_size"]
+    optim_files = [tag_dir / RANK_OPTIM_STATES.format(rank=rank) for rank in range(world_size)]
     optims = [load_file(path)["optimizer_state_dict"] for path in optim_files]
-    zero3 = "fp32_flat_groups" in optims[0]
-    model_files = [path.with_name(path.name.replace("optim_states", "model_states")) for path in optim_files] \
-        if zero3 else [tag_dir / DENSE_STATES]
-    model_states = [load_file(path) for path in model_files]
-    config = _model_config(model_states[0], model_files[0])
-    param_shapes = model_states[0]["param_shapes"]
-    layout = _Layout(config, len(optims), param_shapes)
+    if not zero3:
+        # The fp32 experts come from the optimizer partitions, but a damaged per-expert file makes the
+        # checkpoint unresumable, so each is opened (memory-mapped: no tensor data is read).
+        for path in _expert_files(tag_dir, config):
+            load_file(path)
+    param_shapes = states["param_shapes"]
+    layout = _Layout(config, world_size, param_shapes)
     inners = [_inner_optimizer(optim, path) for optim, path in zip(optims, optim_files)]
 
     if zero3:
@@ -184,8 +189,7 @@ def _read_partitioned(tag_dir: Path, optim_files: list):
     state_dict = _unflatten(tag_dir, layout, param_shapes, weights, piece_of)
     moments = {key: _unflatten(tag_dir, layout, param_shapes, moment(key), piece_of) for key in MOMENTS}
     steps = int(inners[0]["state"][0]["step"])
-    return state_dict, config, 3 if zero3 else model_states[0]["ds_config"]["zero_optimization"]["stage"], \
-        model_states[0], moments, steps
+    return state_dict, config, 3 if zero3 else states["ds_config"]["zero_optimization"]["stage"], states, moments, steps
 
 
 def _read_stage0(tag_dir: Path):
@@ -193,9 +197,8 @@ def _read_stage0(tag_dir: Path):
     states = load_file(path)
     config = _model_config(states, path)
     state_dict = dict(states["module"])
-    for layer in range(len(config.moe_layers)):
-        for expert in range(config.num_experts):
-            state_dict.update(load_file(tag_dir / EXPERT_STATES.format(layer=layer, expert=expert)))
+    for expert_path in _expert_files(tag_dir, config):
+        state_dict.update(load_file(expert_path))
     return state_dict, config, 0, states, None, None
 
 
@@ -215,13 +218,15 @@ def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
 
 def consolidate(checkpoint_dir, tag=None) -> ConsolidatedCheckpoint:
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
-    optim_files = _rank_files(tag_dir)
-    if optim_files:
-        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, optim_files)
+    if (tag_dir / RANK_MODEL_STATES.format(rank=0)).is_file():
+        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, zero3=True)
+    elif (tag_dir / RANK_OPTIM_STATES.format(rank=0)).is_file():
+        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, zero3=False)
     elif (tag_dir / DENSE_STATES).is_file():
         state_dict, config, stage, states, moments, steps = _read_stage0(tag_dir)
     else:
-        raise CheckpointError(f"{tag_dir}: neither zero_pp_rank_*_optim_states.pt nor {DENSE_STATES}")
+        raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)}, "
+                              f"{RANK_OPTIM_STATES.format(rank=0)} nor {DENSE_STATES}")
     _check_complete(state_dict, config, tag_dir)
     client_keys = ("model_config", "masking", "seed", "step")
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
