@@ -79,6 +79,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="eve-base")
     parser.add_argument("--deepspeed_config", required=True)
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="also save the training state there as an eve-ds checkpoint (benchmarks/consolidate.py)")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
@@ -115,6 +117,9 @@ def main():
             print(f"  rank {rank_index}: " + ", ".join(f"{name} {gib(size)}" for name, size in breakdown.items())
                   + f" ({breakdown['total'] / ideal:.2f} x ideal)")
         print("RESULT " + json.dumps(report))
+    if args.checkpoint_dir:
+        engine.save_checkpoint(args.checkpoint_dir, tag="step_00000001",
+                               client_state={"model_config": config.to_dict(), "step": 1})
     dist.barrier()
 
 

@@ -13,24 +13,28 @@ class ParameterCounts:
 def parameter_counts(config: EVEConfig, with_heads: bool = True) -> ParameterCounts:
     """Counted from the architecture, independent of how experts are sharded over ranks.
 
-    A token activates the shared weights, one of the two multiway FFNs of an ordinary layer, and
-    ``top_k`` experts of an MoE layer (plus the router).
+    A token activates the shared weights, one of the two multiway FFNs (and its norm) of an ordinary
+    layer, and ``top_k`` experts of an MoE layer (plus its norm and the router).
     """
     width, ffn = config.hidden_size, config.ffn_hidden_size
     linear = lambda fan_in, fan_out: fan_in * fan_out + fan_out  # noqa: E731
     feed_forward = linear(width, ffn) + linear(ffn, width)
     layer_norm = 2 * width
-    shared_per_layer = 2 * layer_norm + linear(width, 3 * width) + linear(width, width) + 2 * width  # + gammas
+    attention = 3 * width * width + 2 * width + linear(width, width)  # qkv without bias, q and v biases, proj
+    shared_per_layer = layer_norm + attention + 2 * width  # norm1, attention, layer-scale gammas
     router = config.num_experts * width + 2 * width  # gate weight + vision/text router embeddings
 
     embeddings = (config.in_channels * config.patch_size**2 * width + width  # patch projection
                   + width + config.num_image_tokens * width + width  # image CLS, positions, mask embedding
-                  + config.vocab_size * width + config.max_text_len * width + 2 * width)  # tokens, positions, types
+                  + config.vocab_size * width + layer_norm + config.max_text_len * width  # tokens, norm, positions
+                  + 2 * width + layer_norm)  # modality types, norm of the joint sequence
     heads = linear(width, config.patch_size**2 * config.in_channels) + linear(width, config.vocab_size)
     common = embeddings + layer_norm + config.num_layers * shared_per_layer + (heads if with_heads else 0)
 
     num_moe = len(config.moe_layers)
     num_multiway = config.num_layers - num_moe
-    total = common + num_multiway * 2 * feed_forward + num_moe * (router + config.num_experts * feed_forward)
-    activated = common + num_multiway * feed_forward + num_moe * (router + config.top_k * feed_forward)
+    multiway = 2 * (layer_norm + feed_forward)  # a norm and an FFN per modality
+    moe = layer_norm + router  # + experts
+    total = common + num_multiway * multiway + num_moe * (moe + config.num_experts * feed_forward)
+    activated = common + num_multiway * multiway // 2 + num_moe * (moe + config.top_k * feed_forward)
     return ParameterCounts(total, activated)

@@ -37,10 +37,11 @@ def test_presets_have_the_released_sizes():
     for config in (base, large):
         assert (config.num_experts, config.top_k, config.aux_loss_weight, config.patch_size) == (32, 2, 0.001, 16)
         assert config.vocab_size == 64000 and config.drop_path_rate == 0.1
-    # Activated per token: shared weights + one multiway FFN per ordinary layer + 2 of 32 experts per MoE layer.
+    # Activated per token: shared weights + one multiway FFN (with its norm) per ordinary layer + 2 of 32
+    # experts per MoE layer.
     counts = parameter_counts(base, with_heads=False)
-    expert = 2 * 768 * 3072 + 3072 + 768
-    assert counts.total - counts.activated == 10 * expert + 2 * 30 * expert
+    expert, norm = 2 * 768 * 3072 + 3072 + 768, 2 * 768
+    assert counts.total - counts.activated == 10 * (expert + norm) + 2 * 30 * expert
     tiny = preset("eve-tiny")
     assert len(tiny.moe_layers) >= 1 and tiny.num_experts >= 4
 

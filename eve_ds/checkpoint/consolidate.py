@@ -23,6 +23,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from eve_ds.checkpoint.pretrained import state_dict_mismatch
 from eve_ds.config import EVEConfig
 from eve_ds.engine import expert_parallel_rank
 
@@ -206,14 +207,10 @@ def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
     from eve_ds.objectives import MaskedSignalModeling  # the model knows its own keys and shapes
 
     with torch.device("meta"):
-        expected = {name: tuple(p.shape) for name, p in MaskedSignalModeling(config).state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(name for name in set(expected) & set(state_dict) if tuple(state_dict[name].shape) != expected[name])
-    if missing or unexpected or wrong:
-        raise CheckpointError(f"{source}: does not match its model config: {len(missing)} missing "
-                              f"({', '.join(missing[:3])}), {len(unexpected)} unexpected ({', '.join(unexpected[:3])}), "
-                              f"{len(wrong)} of the wrong shape ({', '.join(wrong[:3])})")
+        expected = {name: p.shape for name, p in MaskedSignalModeling(config).state_dict().items()}
+    mismatch = state_dict_mismatch(expected, state_dict)
+    if mismatch:
+        raise CheckpointError("\n".join([f"{source}: does not match its model config:", *mismatch]))
 
 
 def consolidate(checkpoint_dir, tag=None) -> ConsolidatedCheckpoint:

@@ -12,7 +12,7 @@ from eve_ds.config import EVEConfig
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 
-def _write_atomically(path: Path, write):
+def write_atomically(path: Path, write):
     """Writes through a temporary name in the same folder, so a crash never leaves a partial file."""
     temporary = path.with_name(f".{path.name}.partial")
     try:
@@ -28,8 +28,8 @@ def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.fl
     tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state_dict.items()}
     description = {"format": "eve-ds", "dtype": str(dtype).removeprefix("torch."), "model_config": config.to_dict(),
                    "source": source or {}}
-    _write_atomically(out_dir / WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
-    _write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
+    write_atomically(out_dir / WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
+    write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
 
 
 def load_pretrained(path) -> tuple:
@@ -50,19 +50,21 @@ def load_pretrained(path) -> tuple:
     return state_dict, config
 
 
-def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict, source, ignored_prefixes=()):
-    """Loads every weight or fails with a report of missing, unexpected and mis-shaped keys."""
-    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(tuple(ignored_prefixes))}
-    expected = module.state_dict()
+def state_dict_mismatch(expected: dict, state_dict: dict) -> list:
+    """Lines naming the missing, unexpected and mis-shaped keys of ``state_dict`` against ``expected``
+    (name -> shape); empty when every key is there with its shape."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k].shape)}"
-                   for k in set(expected) & set(state_dict) if state_dict[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
-        lines = [f"{source} does not fit the model:"]
-        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
-            if keys:
-                lines.append(f"  {len(keys)} {title}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else ""))
-        raise ValueError("\n".join(lines))
+    wrong = sorted(f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k])}"
+                   for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
+    return [f"  {len(keys)} {title}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+            for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+
+
+def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict, source):
+    """Loads every weight or fails with a report of missing, unexpected and mis-shaped keys."""
+    mismatch = state_dict_mismatch({k: v.shape for k, v in module.state_dict().items()}, state_dict)
+    if mismatch:
+        raise ValueError("\n".join([f"{source} does not fit the model:", *mismatch]))
     module.load_state_dict(state_dict)
     return module

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from eve_ds.checkpoint.consolidate import MOMENTS, CheckpointError, ConsolidatedCheckpoint
-from eve_ds.checkpoint.pretrained import _write_atomically, load_pretrained, save_pretrained
+from eve_ds.checkpoint.pretrained import write_atomically, load_pretrained, save_pretrained
 from eve_ds.config import EVEConfig
 
 OPTIMIZER, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
@@ -37,10 +37,10 @@ def save_universal(out_dir, checkpoint: ConsolidatedCheckpoint):
     source = {"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage, "step": checkpoint.step}
     save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source)
     moments = {f"{key}/{name}": tensor.contiguous() for key in MOMENTS for name, tensor in checkpoint.moments[key].items()}
-    _write_atomically(out_dir / OPTIMIZER, lambda path: save_file(moments, str(path)))
+    write_atomically(out_dir / OPTIMIZER, lambda path: save_file(moments, str(path)))
     state = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps,
              "lr_scheduler": checkpoint.lr_scheduler, "client_state": checkpoint.client_state}
-    _write_atomically(out_dir / TRAINER_STATE, lambda path: path.write_text(json.dumps(state, indent=2) + "\n"))
+    write_atomically(out_dir / TRAINER_STATE, lambda path: path.write_text(json.dumps(state, indent=2) + "\n"))
 
 
 def load_universal(path) -> UniversalCheckpoint:

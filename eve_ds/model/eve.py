@@ -29,16 +29,21 @@ class FeedForward(nn.Module):
 
 
 class Attention(nn.Module):
+    """Multi-head self-attention with BEiT-style biases: queries and values have one, keys none (a key
+    bias adds the same score to every key of a query, which the softmax cancels)."""
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, bias=False)
+        self.q_bias = nn.Parameter(torch.zeros(hidden_size))
+        self.v_bias = nn.Parameter(torch.zeros(hidden_size))
         self.proj = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, x, attn_mask):
         batch, length, width = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x) + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+        q, k, v = qkv.view(batch, length, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(batch, length, width))
 
@@ -58,15 +63,19 @@ class DropPath(nn.Module):
 
 
 class MultiwayFFN(nn.Module):
-    """Modality-specific FFNs: image tokens go to ``vision``, text tokens to ``text``."""
+    """Modality-specific pre-norm FFNs (as in VLMo): image tokens go through ``vision_norm`` and ``vision``,
+    text tokens through ``text_norm`` and ``text``."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, eps: float):
         super().__init__()
+        self.vision_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.vision = FeedForward(hidden_size, ffn_hidden_size)
+        self.text_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.text = FeedForward(hidden_size, ffn_hidden_size)
 
     def forward(self, x, num_image_tokens: int):
-        return torch.cat([self.vision(x[:, :num_image_tokens]), self.text(x[:, num_image_tokens:])], dim=1)
+        image, text = x[:, :num_image_tokens], x[:, num_image_tokens:]
+        return torch.cat([self.vision(self.vision_norm(image)), self.text(self.text_norm(text))], dim=1)
 
 
 class MultiwayBlock(nn.Module):
@@ -76,15 +85,15 @@ class MultiwayBlock(nn.Module):
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.attn = Attention(width, config.num_heads)
-        self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        if use_moe:
+        if use_moe:  # one norm for all tokens before the MoE FFN; a multiway FFN has a norm per modality
+            self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
             self.ffn = ModalityAwareMoE(width, FeedForward(width, config.ffn_hidden_size), config.num_experts,
                                         ep_size=ep_size, ep_rank=ep_rank, k=config.top_k,
                                         capacity_factor=config.capacity_factor,
                                         eval_capacity_factor=config.eval_capacity_factor,
                                         min_capacity=config.min_capacity, init_std=config.init_std)
         else:
-            self.ffn = MultiwayFFN(width, config.ffn_hidden_size)
+            self.ffn = MultiwayFFN(width, config.ffn_hidden_size, config.layer_norm_eps)
         self.gamma1 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
         self.gamma2 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
         self.drop_path = DropPath(drop_path)
@@ -96,11 +105,10 @@ class MultiwayBlock(nn.Module):
     def forward(self, x, attn_mask, modality_ids, num_image_tokens: int):
         """Returns the block output and its auxiliary MoE loss (zero for a multiway block)."""
         x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x), attn_mask))
-        h = self.norm2(x)
         if self.is_moe:
-            h, aux_loss = self.ffn(h, modality_ids)
+            h, aux_loss = self.ffn(self.norm2(x), modality_ids)
         else:
-            h, aux_loss = self.ffn(h, num_image_tokens), x.new_zeros(())
+            h, aux_loss = self.ffn(x, num_image_tokens), x.new_zeros(())
         return x + self.drop_path(self.gamma2 * h), aux_loss
 
 
@@ -116,8 +124,10 @@ class EVE(nn.Module):
         self.image_pos = nn.Parameter(torch.zeros(1, config.num_image_tokens, width))
         self.vision_mask_embed = nn.Parameter(torch.zeros(1, 1, width))
         self.token_embed = nn.Embedding(config.vocab_size, width)
+        self.token_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.text_pos = nn.Parameter(torch.zeros(1, config.max_text_len, width))
         self.modality_type_embed = nn.Parameter(torch.zeros(2, width))
+        self.embed_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)  # over the joint sequence
         drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
         self.blocks = nn.ModuleList(
             MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, ep_size=ep_size, ep_rank=ep_rank)
@@ -157,9 +167,9 @@ class EVE(nn.Module):
             patches = torch.where(image_mask.unsqueeze(-1), self.vision_mask_embed.to(patches.dtype), patches)
         image = torch.cat([self.image_cls.expand(patches.shape[0], -1, -1), patches], dim=1) + self.image_pos
         image = image + self.modality_type_embed[VISION]
-        text = self.token_embed(text_ids) + self.text_pos[:, :text_ids.shape[1]]
+        text = self.token_norm(self.token_embed(text_ids)) + self.text_pos[:, :text_ids.shape[1]]
         text = text + self.modality_type_embed[TEXT]
-        return torch.cat([image, text], dim=1)
+        return self.embed_norm(torch.cat([image, text], dim=1))
 
     def forward(self, images, text_ids, text_padding_mask, image_mask=None):
         """Encode an image-text batch.

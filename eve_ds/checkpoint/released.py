@@ -1,0 +1,209 @@
+"""The EVE authors' released checkpoint layout, and the one mapping between it and eve-ds's encoder.
+
+The authors' fine-tuning code loads ``torch.load(path)["model"]`` (or the bare dict) and takes the
+backbone from keys under ``backbone.``: a BEiT/VLMo-style multiway Transformer whose MoE layers are their
+copy of DeepSpeed's MoE (``mlp_moe.moe.gate.wg``, ``mlp_moe.moe.experts.experts.<e>``, router embeddings
+``mlp_moe.moe.vision_embed``/``text_embed``). Files written with stock DeepSpeed module names
+(``mlp_moe.deepspeed_moe.``, ``experts.deepspeed_experts.``) are read too.
+
+Two behaviours differ between the codes, not the weights: the authors' MoE layer adds the router
+embedding to the tokens the experts receive as well (eve-ds, as the paper, adds it to the router input
+only), and their gate samples the second expert in eval mode too (eve-ds routes deterministically there).
+Positions are not interpolated: a checkpoint's image and text position tables set ``image_size`` and
+``max_text_len`` of the imported model.
+"""
+import math
+import pickle
+import re
+from pathlib import Path
+
+import torch
+
+from eve_ds.checkpoint.pretrained import load_pretrained, state_dict_mismatch, write_atomically
+from eve_ds.config import EVEConfig
+from eve_ds.model.moe import TEXT, VISION
+
+PREFIX = "backbone."
+# How many leading unit dimensions eve-ds gives parameters that the authors store as [width] or
+# [positions, width].
+LEADING_UNIT_DIMS = {"image_cls": 2, "vision_mask_embed": 2, "image_pos": 1, "text_pos": 1}
+# Sizes that a released file may legitimately set (tokenizer, resolution, text length); the rest of the
+# architecture must be the preset's.
+SIZES_FROM_FILE = ("vocab_size", "image_size", "max_text_len")
+STOCK_DEEPSPEED_NAMES = [(re.compile(r"\.mlp_moe\.deepspeed_moe\."), ".mlp_moe.moe."),
+                         (re.compile(r"\.experts\.deepspeed_experts\."), ".experts.experts.")]
+MASK_EMBED = "mask_embed_vision"  # only pre-trained files have it; the authors' fine-tuning models do not
+
+
+def _affine(ours: str, theirs: str) -> list:
+    return [(f"{ours}.weight", f"{theirs}.weight"), (f"{ours}.bias", f"{theirs}.bias")]
+
+
+def name_pairs(config: EVEConfig) -> list:
+    """(eve-ds encoder name, released name) for every encoder parameter; a released name that is a
+    (vision, text) pair holds the rows of a [2, width] eve-ds parameter."""
+    pairs = [*_affine("patch_embed", "patch_embed"), ("image_cls", "class_embedding_vision"),
+             ("image_pos", "pos_embed_vision"), ("vision_mask_embed", MASK_EMBED),
+             ("token_embed.weight", "word_embedding.weight"), *_affine("token_norm", "layer_norm_text"),
+             ("text_pos", "pos_embed_text"), ("modality_type_embed", ("type_embed_vision", "type_embed_text")),
+             *_affine("embed_norm", "pre_layrnorm"), *_affine("norm", "norm")]
+    for layer in range(config.num_layers):
+        block = [*_affine("norm1", "norm1"), ("attn.qkv.weight", "attn.qkv.weight"), ("attn.q_bias", "attn.q_bias"),
+                 ("attn.v_bias", "attn.v_bias"), *_affine("attn.proj", "attn.proj"), ("gamma1", "gamma_1"),
+                 ("gamma2", "gamma_2")]
+        if layer in config.moe_layers:
+            moe, theirs = "ffn.deepspeed_moe.", "mlp_moe.moe."
+            block += [*_affine("norm2", "norm2_vl"), (f"{moe}gate.wg.weight", f"{theirs}gate.wg.weight"),
+                      (f"{moe}gate.modality_embed", (f"{theirs}vision_embed", f"{theirs}text_embed"))]
+            for expert in range(config.num_experts):
+                for fc in ("fc1", "fc2"):
+                    block += _affine(f"{moe}experts.deepspeed_experts.{expert}.{fc}",
+                                     f"{theirs}experts.experts.{expert}.{fc}")
+        else:
+            for modality, short in (("vision", "imag"), ("text", "text")):
+                block += [*_affine(f"ffn.{modality}_norm", f"norm2_{short}"),
+                          *_affine(f"ffn.{modality}.fc1", f"mlp_{short}.fc1"),
+                          *_affine(f"ffn.{modality}.fc2", f"mlp_{short}.fc2")]
+        ours_prefix, theirs_prefix = f"blocks.{layer}.", f"encoder.layers.{layer}."
+        pairs += [(ours_prefix + ours, tuple(theirs_prefix + t for t in theirs) if isinstance(theirs, tuple)
+                   else theirs_prefix + theirs) for ours, theirs in block]
+    return pairs
+
+
+def to_released(encoder_state: dict, config: EVEConfig) -> dict:
+    """eve-ds encoder weights -> the authors' backbone keys (with ``backbone.``), position-id buffers included."""
+    released = {}
+    for ours, theirs in name_pairs(config):
+        tensor = encoder_state[ours]
+        if isinstance(theirs, tuple):
+            released.update({name: tensor[row] for row, name in zip((VISION, TEXT), theirs)})
+        else:
+            released[theirs] = tensor.reshape(tensor.shape[LEADING_UNIT_DIMS.get(ours, 0):])
+    released["position_ids_vision"] = torch.arange(config.num_image_tokens).unsqueeze(0)
+    released["position_ids_text"] = torch.arange(config.max_text_len)
+    return {PREFIX + name: tensor for name, tensor in released.items()}
+
+
+def backbone(checkpoint: dict) -> tuple:
+    """The backbone weights of a loaded released file under names without ``backbone.``, in the authors'
+    module names, and how many other (task-head) tensors were left out."""
+    state = checkpoint.get("model", checkpoint.get("module", checkpoint)) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
+        raise ValueError("holds no state dict (expected a dict of tensors, or one under 'model' or 'module')")
+    prefixed = any(name.startswith(PREFIX) for name in state)
+    weights, left_out = {}, 0
+    for name, tensor in state.items():
+        if prefixed and not name.startswith(PREFIX):
+            left_out += 1
+            continue
+        name = "." + name.removeprefix(PREFIX)
+        for pattern, canonical in STOCK_DEEPSPEED_NAMES:
+            name = pattern.sub(canonical, name)
+        if not name.startswith(".position_ids_"):  # buffers, rebuilt from the config
+            weights[name[1:]] = tensor
+    return weights, left_out
+
+
+def released_config(weights: dict, preset_config: EVEConfig) -> EVEConfig:
+    """The model config of released backbone weights: the preset's, with the sizes the file sets itself.
+    Raises ValueError naming each architectural size in which the file and the preset differ."""
+    for required in ("patch_embed.weight", "word_embedding.weight", "pos_embed_vision", "pos_embed_text"):
+        if required not in weights:
+            raise ValueError(f"has no '{PREFIX}{required}': not an EVE backbone")
+    width, in_channels, patch_size, _ = weights["patch_embed.weight"].shape
+    layers = {int(m[1]) for name in weights if (m := re.match(r"encoder\.layers\.(\d+)\.", name))}
+    moe_layers = sorted({int(m[1]) for name in weights if (m := re.match(r"encoder\.layers\.(\d+)\.mlp_moe\.", name))})
+    experts = {m[1] for name in weights if (m := re.match(rf"encoder\.layers\.{moe_layers[0]}\.mlp_moe\.moe\.experts"
+                                                          r"\.experts\.(\d+)\.", name))} if moe_layers else ()
+    first_ffn = next((name for name in sorted(weights) if re.search(r"\.(mlp_imag|experts\.\d+)\.fc1\.weight$", name)),
+                     None)
+    structure = {"hidden_size": width, "in_channels": in_channels, "patch_size": patch_size,
+                 "num_layers": max(layers) + 1 if layers else 0, "moe_layers": tuple(moe_layers),
+                 "num_experts": len(experts) or preset_config.num_experts,
+                 "ffn_hidden_size": weights[first_ffn].shape[0] if first_ffn else preset_config.ffn_hidden_size}
+    differences = [f"{key} {value} (the preset has {getattr(preset_config, key)})" for key, value in structure.items()
+                   if value != getattr(preset_config, key)]
+    if differences:
+        raise ValueError("is another architecture than the chosen model: " + ", ".join(differences))
+    image_positions = weights["pos_embed_vision"].shape[0] - 1
+    grid = math.isqrt(image_positions)
+    if grid * grid != image_positions:
+        raise ValueError(f"'{PREFIX}pos_embed_vision' has {image_positions} patch positions, not a square grid")
+    return preset_config.replace(vocab_size=weights["word_embedding.weight"].shape[0], image_size=grid * patch_size,
+                                 max_text_len=weights["pos_embed_text"].shape[0])
+
+
+def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tuple:
+    """Released backbone weights (``backbone`` output) -> eve-ds encoder weights; ``expected_shapes`` are the
+    encoder's (name -> shape). Returns (weights, notes). Raises ValueError naming missing, unexpected and
+    mis-shaped keys."""
+    weights, encoder, notes, missing = dict(weights), {}, [], []
+    for ours, theirs in name_pairs(config):
+        names = theirs if isinstance(theirs, tuple) else (theirs, )
+        absent = [name for name in names if name not in weights]
+        if absent == [MASK_EMBED]:
+            encoder[ours] = torch.zeros(expected_shapes[ours])
+            notes.append(f"'{PREFIX}{MASK_EMBED}' is absent (a fine-tuned checkpoint?): the vision mask embedding "
+                         "starts at zero")
+        elif absent:
+            missing += [PREFIX + name for name in absent]
+        elif isinstance(theirs, tuple):
+            encoder[ours] = torch.stack([weights.pop(name) for name in theirs])
+        else:
+            tensor = weights.pop(theirs)
+            unsqueeze = ours in LEADING_UNIT_DIMS and tensor.numel() == math.prod(expected_shapes[ours])
+            encoder[ours] = tensor.reshape(expected_shapes[ours]) if unsqueeze else tensor
+    problems = [f"  {len(missing)} missing: " + ", ".join(missing[:8])] if missing else []
+    if weights:
+        problems.append(f"  {len(weights)} unexpected: " + ", ".join(PREFIX + name for name in sorted(weights)[:8]))
+    problems += state_dict_mismatch(expected_shapes, encoder) if not problems else []
+    if problems:
+        raise ValueError("does not fit the EVE backbone:\n" + "\n".join(problems))
+    return encoder, notes
+
+
+def _encoder_shapes(config: EVEConfig) -> dict:
+    from eve_ds.model import EVE
+
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in EVE(config).state_dict().items()}
+
+
+def export_released(consolidated_dir, out_file):
+    """Writes the encoder of a consolidated folder (tools/consolidate.py) as a released-layout file:
+    ``{"model": {backbone...}, "eve_ds_model_config": {...}}``. Raises ValueError on a bad folder."""
+    state_dict, config = load_pretrained(consolidated_dir)
+    encoder = {name.removeprefix("encoder."): t for name, t in state_dict.items() if name.startswith("encoder.")}
+    mismatch = state_dict_mismatch(_encoder_shapes(config), encoder)
+    if mismatch:
+        raise ValueError("\n".join([f"{consolidated_dir}: the encoder does not fit its config:", *mismatch]))
+    checkpoint = {"model": to_released(encoder, config), "eve_ds_model_config": config.to_dict()}
+    write_atomically(Path(out_file), lambda path: torch.save(checkpoint, path))
+
+
+def import_released(path, preset_config: EVEConfig = None, allow_pickle: bool = False) -> tuple:
+    """Reads a released-layout file; returns (encoder weights under eve-ds names, EVEConfig, notes).
+    The config comes from the file where eve-ds wrote it, else from ``preset_config`` with the sizes the
+    file sets. Raises ValueError, naming the file, on anything that does not fit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: file is missing")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path}: holds objects beyond tensors and plain containers ({str(error)[:200]}); "
+                         "pass --allow-pickle if you trust its source") from None
+    except Exception as error:  # truncated zip, not a torch file, ...
+        raise ValueError(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]})") from None
+    try:
+        embedded = checkpoint.get("eve_ds_model_config") if isinstance(checkpoint, dict) else None
+        if embedded is None and preset_config is None:
+            raise ValueError("carries no eve-ds model config: name the model it is (e.g. --model eve-base)")
+        weights, left_out = backbone(checkpoint)
+        config = released_config(weights, EVEConfig.from_dict(embedded) if embedded else preset_config)
+        encoder, notes = from_released(weights, config, _encoder_shapes(config))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if left_out:
+        notes.append(f"left out {left_out} tensors outside '{PREFIX}' (task heads)")
+    return encoder, config, notes
