@@ -29,7 +29,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
-        checkpoint = consolidate(args.checkpoint_dir, args.tag)
+        checkpoint = consolidate(args.checkpoint_dir, args.tag, optimizer_state=True)
         save_universal(args.out, checkpoint)
     except CheckpointError as error:
         parser.exit(2, f"reshard: {error}\n")

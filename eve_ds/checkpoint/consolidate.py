@@ -158,7 +158,7 @@ def _inner_optimizer(optim: dict, path: Path) -> dict:
     return inner
 
 
-def _read_partitioned(tag_dir: Path, zero3: bool):
+def _read_partitioned(tag_dir: Path, zero3: bool, optimizer_state: bool):
     states_path = tag_dir / (RANK_MODEL_STATES.format(rank=0) if zero3 else DENSE_STATES)
     states = load_file(states_path)
     config = _model_config(states, states_path)
@@ -188,7 +188,8 @@ def _read_partitioned(tag_dir: Path, zero3: bool):
         return [[inner["state"][group][key] for group in range(len(param_shapes))] for inner in inners]
 
     state_dict = _unflatten(tag_dir, layout, param_shapes, weights, piece_of)
-    moments = {key: _unflatten(tag_dir, layout, param_shapes, moment(key), piece_of) for key in MOMENTS}
+    moments = {key: _unflatten(tag_dir, layout, param_shapes, moment(key), piece_of) for key in MOMENTS} \
+        if optimizer_state else None
     steps = int(inners[0]["state"][0]["step"])
     return state_dict, config, 3 if zero3 else states["ds_config"]["zero_optimization"]["stage"], states, moments, steps
 
@@ -213,19 +214,23 @@ def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
         raise CheckpointError("\n".join([f"{source}: does not match its model config:", *mismatch]))
 
 
-def consolidate(checkpoint_dir, tag=None) -> ConsolidatedCheckpoint:
+def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> ConsolidatedCheckpoint:
+    """Full weights of a checkpoint under global names; with ``optimizer_state`` also the full AdamW moments
+    (ZeRO 1-3), which resharding needs and fine-tuning does not."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     if (tag_dir / RANK_MODEL_STATES.format(rank=0)).is_file():
-        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, zero3=True)
+        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, True, optimizer_state)
     elif (tag_dir / RANK_OPTIM_STATES.format(rank=0)).is_file():
-        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, zero3=False)
+        state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, False, optimizer_state)
     elif (tag_dir / DENSE_STATES).is_file():
         state_dict, config, stage, states, moments, steps = _read_stage0(tag_dir)
     else:
         raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)}, "
                               f"{RANK_OPTIM_STATES.format(rank=0)} nor {DENSE_STATES}")
     _check_complete(state_dict, config, tag_dir)
+    notes = ["ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights"] \
+        if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()) else []
     client_keys = ("model_config", "masking", "seed", "step")
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
                                   tag_dir, {key: states[key] for key in client_keys if key in states},
-                                  moments, steps, states.get("lr_scheduler"))
+                                  moments, steps, states.get("lr_scheduler"), notes)

@@ -31,8 +31,8 @@ class UniversalCheckpoint:
 
 def save_universal(out_dir, checkpoint: ConsolidatedCheckpoint):
     if checkpoint.moments is None:
-        raise CheckpointError(f"{checkpoint.source}: ZeRO stage {checkpoint.zero_stage} checkpoints keep no "
-                              "partitioned optimizer state to reshard")
+        raise CheckpointError(f"{checkpoint.source}: holds no optimizer state to reshard (ZeRO stage "
+                              f"{checkpoint.zero_stage}; reshard reads ZeRO 1-3 checkpoints)")
     out_dir = Path(out_dir)
     source = {"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage, "step": checkpoint.step}
     save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source)
