@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.checkpoint import export_released, import_released, save_pretrained  # noqa: E402
-from eve_ds.config import ConfigError, PRESETS, preset  # noqa: E402
+from eve_ds.config import PRESETS, preset  # noqa: E402
 
 
 def main(argv=None):
@@ -41,7 +41,7 @@ def main(argv=None):
             return
         encoder, config, notes = import_released(args.checkpoint, preset(args.model) if args.model else None,
                                                  args.allow_pickle)
-    except (ValueError, FileNotFoundError, ConfigError) as error:
+    except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"convert_released: {error}\n")
     for note in notes:
         print(f"note: {note}")

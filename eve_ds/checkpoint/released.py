@@ -71,7 +71,8 @@ def name_pairs(config: EVEConfig) -> list:
 
 
 def to_released(encoder_state: dict, config: EVEConfig) -> dict:
-    """eve-ds encoder weights -> the authors' backbone keys (with ``backbone.``), position-id buffers included."""
+    """eve-ds encoder weights -> the authors' backbone keys (with ``backbone.``). Their position-id buffers
+    are left out: their model builds them from its own config, and loading one of another length fails."""
     released = {}
     for ours, theirs in name_pairs(config):
         tensor = encoder_state[ours]
@@ -79,8 +80,6 @@ def to_released(encoder_state: dict, config: EVEConfig) -> dict:
             released.update({name: tensor[row] for row, name in zip((VISION, TEXT), theirs)})
         else:
             released[theirs] = tensor.reshape(tensor.shape[LEADING_UNIT_DIMS.get(ours, 0):])
-    released["position_ids_vision"] = torch.arange(config.num_image_tokens).unsqueeze(0)
-    released["position_ids_text"] = torch.arange(config.max_text_len)
     return {PREFIX + name: tensor for name, tensor in released.items()}
 
 
