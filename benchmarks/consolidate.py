@@ -26,9 +26,9 @@ def run_measured(command: list) -> tuple:
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise SystemExit(f"{' '.join(map(str, command))} failed with exit code {process.returncode}")
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code:
+        raise SystemExit(f"{' '.join(map(str, command))} failed with exit code {exit_code}")
     return time.perf_counter() - started, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 

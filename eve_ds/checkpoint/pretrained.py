@@ -50,6 +50,11 @@ def load_pretrained(path) -> tuple:
     return state_dict, config
 
 
+def key_report(title: str, keys: list) -> str:
+    """One line of a key report: how many keys, and the first of them."""
+    return f"  {len(keys)} {title}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+
+
 def state_dict_mismatch(expected: dict, state_dict: dict) -> list:
     """Lines naming the missing, unexpected and mis-shaped keys of ``state_dict`` against ``expected``
     (name -> shape); empty when every key is there with its shape."""
@@ -57,7 +62,7 @@ def state_dict_mismatch(expected: dict, state_dict: dict) -> list:
     unexpected = sorted(set(state_dict) - set(expected))
     wrong = sorted(f"{k} {tuple(state_dict[k].shape)} vs {tuple(expected[k])}"
                    for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != tuple(expected[k]))
-    return [f"  {len(keys)} {title}: " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
+    return [key_report(title, keys)
             for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
 
 

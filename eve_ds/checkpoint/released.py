@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.checkpoint.pretrained import load_pretrained, state_dict_mismatch, write_atomically
+from eve_ds.checkpoint.pretrained import key_report, load_pretrained, state_dict_mismatch, write_atomically
 from eve_ds.config import EVEConfig
 from eve_ds.model.moe import TEXT, VISION
 
@@ -27,9 +27,6 @@ PREFIX = "backbone."
 # How many leading unit dimensions eve-ds gives parameters that the authors store as [width] or
 # [positions, width].
 LEADING_UNIT_DIMS = {"image_cls": 2, "vision_mask_embed": 2, "image_pos": 1, "text_pos": 1}
-# Sizes that a released file may legitimately set (tokenizer, resolution, text length); the rest of the
-# architecture must be the preset's.
-SIZES_FROM_FILE = ("vocab_size", "image_size", "max_text_len")
 STOCK_DEEPSPEED_NAMES = [(re.compile(r"\.mlp_moe\.deepspeed_moe\."), ".mlp_moe.moe."),
                          (re.compile(r"\.experts\.deepspeed_experts\."), ".experts.experts.")]
 MASK_EMBED = "mask_embed_vision"  # only pre-trained files have it; the authors' fine-tuning models do not
@@ -152,9 +149,9 @@ def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tu
             tensor = weights.pop(theirs)
             unsqueeze = ours in LEADING_UNIT_DIMS and tensor.numel() == math.prod(expected_shapes[ours])
             encoder[ours] = tensor.reshape(expected_shapes[ours]) if unsqueeze else tensor
-    problems = [f"  {len(missing)} missing: " + ", ".join(missing[:8])] if missing else []
+    problems = [key_report("missing", missing)] if missing else []
     if weights:
-        problems.append(f"  {len(weights)} unexpected: " + ", ".join(PREFIX + name for name in sorted(weights)[:8]))
+        problems.append(key_report("unexpected", [PREFIX + name for name in sorted(weights)]))
     problems += state_dict_mismatch(expected_shapes, encoder) if not problems else []
     if problems:
         raise ValueError("does not fit the EVE backbone:\n" + "\n".join(problems))
