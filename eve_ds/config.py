@@ -24,6 +24,9 @@ class EVEConfig:
     capacity_factor: float = 1.0
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
+    # The learned vision/text routing embedding is added to the MoE input that the experts compute on, not
+    # only to the router's input: FFN(LN(x) + e_modality). The authors' released weights were trained so.
+    routing_embedding_to_experts: bool = True
     aux_loss_weight: float = 0.001
     drop_path_rate: float = 0.1
     layer_scale_init: float = 0.1
@@ -61,15 +64,25 @@ class EVEConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "EVEConfig":
+        """A config as eve-ds saved it (checkpoints, consolidated folders). Keys added since then take the
+        value that the saved model was trained with, which for some is not today's default."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ConfigError(f"unknown model config key(s): {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{**SAVED_BEFORE_THE_KEY_EXISTED, **values})
+
+    def differences(self, other: "EVEConfig") -> dict:
+        """{key: (this config's value, other's value)} for every key in which the two differ."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
 
     def replace(self, **changes) -> "EVEConfig":
         return replace(self, **changes)
 
+
+# Configs saved before a key existed computed with these values.
+SAVED_BEFORE_THE_KEY_EXISTED = {"routing_embedding_to_experts": False}
 
 PRESETS = {
     # Small enough to train in seconds on CPU, yet with two MoE layers of four experts.

@@ -20,9 +20,9 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from eve_ds.checkpoint.consolidate import global_expert_name
+from eve_ds.checkpoint.consolidate import global_expert_name, saved_model_config
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
-from eve_ds.config import ConfigError, preset
+from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
 from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage
 from eve_ds.model.moe import TEXT, VISION
@@ -39,6 +39,13 @@ def parse_args(argv=None):
     parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
     parser.add_argument("--data", default=str(REPO_ROOT / "data/shapes/manifest.jsonl"), help="JSONL manifest")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest)")
+    parser.add_argument("--special-token", action="append", default=[], metavar="ROLE=TOKEN",
+                        help="names the tokenizer's token for a role (cls, sep, pad, mask, unk) where its usual "
+                             "names do not find it; repeatable")
+    parser.add_argument("--routing-embedding-to-experts", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the MoE routing embedding to the experts' input too, as the authors' released "
+                             "model does (default: the preset's, on); --no-routing-embedding-to-experts adds it "
+                             "to the router's input only")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps to train in all")
     parser.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
@@ -62,7 +69,26 @@ def parse_args(argv=None):
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
     args.tokenizer = Path(args.tokenizer or Path(args.data).parent / "tokenizer.json")
+    malformed = [item for item in args.special_token if "=" not in item]
+    if malformed:
+        parser.error(f"--special-token wants ROLE=TOKEN, got {', '.join(malformed)}")
+    args.special_token = dict(item.split("=", 1) for item in args.special_token)
     return args
+
+
+def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
+    """A resumed run goes on computing the function its checkpoint was trained as: where the checkpoint says
+    otherwise about the routing embedding (those written before that setting existed are router-only), the
+    checkpoint wins. Any other difference is an error that names the keys."""
+    if saved.routing_embedding_to_experts != requested.routing_embedding_to_experts:
+        logger.warning("%s was trained with routing_embedding_to_experts %s; the resumed run keeps that",
+                       source, saved.routing_embedding_to_experts)
+        requested = requested.replace(routing_embedding_to_experts=saved.routing_embedding_to_experts)
+    if saved != requested:
+        differences = ", ".join(f"{key} {theirs} where this run has {mine}"
+                                for key, (mine, theirs) in requested.differences(saved).items())
+        raise ConfigError(f"{source} was written for another model configuration: {differences}")
+    return requested
 
 
 def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
@@ -159,8 +185,19 @@ def main(argv=None):
     if not is_main:
         logging.getLogger().setLevel(logging.WARNING)
 
-    tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len)
+    tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len, args.special_token)
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
+    if args.routing_embedding_to_experts is not None:
+        config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
+    checkpoint_dir = args.out / "checkpoints"
+    universal = load_universal(args.resume_from) if args.resume_from else None
+    if args.resume and not (checkpoint_dir / "latest").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
+    if universal is not None or args.resume:
+        source = args.resume_from or checkpoint_dir
+        saved = universal.model_config if universal is not None else saved_model_config(checkpoint_dir)
+        tokenizer.check_fits(saved.vocab_size, source)
+        config = resumed_config(config, saved, source)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps)
     ep_size = parallelism.expert_parallel_size
@@ -181,28 +218,21 @@ def main(argv=None):
     global_name = partial(global_expert_name, ep_rank=ep_rank, num_local_experts=config.num_experts // ep_size)
     torch.manual_seed(args.seed)
     model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=ep_rank)
-    universal = load_universal(args.resume_from) if args.resume_from else None
     if universal is not None:
-        if universal.model_config != config:
-            raise ConfigError(f"{args.resume_from} was written for another model configuration")
         model.load_state_dict({name: universal.weights[global_name(name)] for name in model.state_dict()})
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
-    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s; "
-                "ZeRO stage %d, expert-parallel size %d, activation checkpointing %s", args.model,
+    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "
+                "embedding to the %s; ZeRO stage %d, expert-parallel size %d, activation checkpointing %s", args.model,
                 counts.total / 1e6, counts.activated / 1e6, config.num_experts, list(config.moe_layers),
+                "router and experts" if config.routing_embedding_to_experts else "router only",
                 zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
     engine, _ = initialize(model, ds_config, ep_size)
     device = engine.device
 
-    checkpoint_dir = args.out / "checkpoints"
     start_step = 0
     if args.resume:
-        if not (checkpoint_dir / "latest").is_file():
-            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
         path, client_state = engine.load_checkpoint(str(checkpoint_dir))
-        if client_state.get("model_config") != config.to_dict():
-            raise ConfigError(f"checkpoint {path} was written for another model configuration")
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", path, start_step)
     elif universal is not None:

@@ -9,6 +9,7 @@ import torch
 
 from eve_ds.checkpoint import CheckpointError, consolidate, load_pretrained
 from eve_ds.checkpoint import pretrained
+from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO, launch_pretrain, small_ds_config
@@ -54,6 +55,21 @@ def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
     assert consolidate_cli(run, tmp_path / "bf16", "--dtype", "bf16").returncode == 0
     bf16, _ = load_pretrained(tmp_path / "bf16")
     assert all(tensor.dtype == torch.bfloat16 for tensor in bf16.values())
+
+
+def test_checkpoints_from_before_the_routing_switch_load_as_router_only(run, tmp_path):
+    assert consolidate(run).model_config == saved_model_config(run)
+    assert saved_model_config(run).routing_embedding_to_experts  # the default, recorded
+    old, tag_dir = damaged_copy(run, tmp_path)
+    states_path = next(tag_dir / name for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt",
+                                                   "mp_rank_00_model_states.pt") if (tag_dir / name).is_file())
+    states = torch.load(states_path, weights_only=False)
+    del states["model_config"]["routing_embedding_to_experts"]
+    torch.save(states, states_path)
+    assert not saved_model_config(old).routing_embedding_to_experts
+    assert consolidate_cli(old, tmp_path / "out").returncode == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_config"]["routing_embedding_to_experts"] is False
+    assert all(not moe.routing_embedding_to_experts for moe in EVE.from_pretrained(tmp_path / "out").moe_layers())
 
 
 def damaged_copy(run, tmp_path):

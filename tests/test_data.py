@@ -172,31 +172,58 @@ def test_tokenizer_other_lengths(max_len):
         assert num_real == 8
 
 
-def test_tokenizer_wrong_special_ids(tmp_path):
-    spec = json.loads(TOKENIZER.read_text(encoding="utf-8"))
-    # Swap the ids of [CLS] and [SEP] everywhere the tokenizer file names them.
-    swap = {2: 3, 3: 2}
-    for token in spec["added_tokens"]:
-        token["id"] = swap.get(token["id"], token["id"])
-    vocab = spec["model"]["vocab"]
-    vocab["[CLS]"], vocab["[SEP]"] = vocab["[SEP]"], vocab["[CLS]"]
-    post = spec.get("post_processor") or {}
-    for token in (post.get("special_tokens") or {}).values():
-        token["ids"] = [swap.get(i, i) for i in token["ids"]]
-    bad = tmp_path / "tokenizer.json"
-    bad.write_text(json.dumps(spec), encoding="utf-8")
-    with pytest.raises(ValueError, match=r"\[CLS\]"):
-        TextTokenizer(bad, max_len=16)
+def roberta_style_tokenizer(path, with_mask=True):
+    """A Hugging Face-style tokenizer.json: RoBERTa's special-token names at ids of its own, a post-processor
+    that wraps texts as <s> ... </s>, and padding and truncation settings saved in the file."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    vocab = {"hello": 0, "world": 1, "<unk>": 2, "<pad>": 3, "a": 4, "<s>": 5, "b": 6, "</s>": 7, "c": 8}
+    if with_mask:
+        vocab["<mask>"] = 9
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens([name for name in vocab if name.startswith("<")])
+    tokenizer.post_processor = processors.RobertaProcessing(("</s>", 7), ("<s>", 5))
+    tokenizer.enable_padding(pad_id=3, pad_token="<pad>", length=4)
+    tokenizer.enable_truncation(3)
+    tokenizer.save(str(path))
+    return path
 
 
-def test_tokenizer_missing_special_token(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    plain = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2}, unk_token="[UNK]"))
-    plain.pre_tokenizer = pre_tokenizers.Whitespace()
-    path = tmp_path / "plain.json"
-    plain.save(str(path))
-    with pytest.raises(ValueError, match=r"\[PAD\]"):
-        TextTokenizer(path, max_len=16)
+def test_tokenizer_finds_special_tokens_by_role_in_a_foreign_file(tmp_path):
+    tokenizer = TextTokenizer(roberta_style_tokenizer(tmp_path / "tokenizer.json"), max_len=8)
+    assert (tokenizer.cls_id, tokenizer.sep_id, tokenizer.pad_id, tokenizer.mask_id, tokenizer.unk_id) == (5, 7, 3, 9, 2)
+    assert tokenizer.ordinary_ids == [0, 1, 4, 6, 8] and tokenizer.vocab_size == 10
+    ids, padding_mask, maskable = tokenizer.encode("hello world a zzz")  # the file's own padding/truncation are off
+    assert ids.tolist() == [5, 0, 1, 4, 2, 7, 3, 3]
+    assert padding_mask.tolist() == [True] * 6 + [False] * 2
+    assert maskable.tolist() == [False, True, True, True, True, False, False, False]
+    ids, _, _ = tokenizer.encode("a b c a b c a b c")  # cut to max_len, the end token kept
+    assert ids.tolist() == [5, 4, 6, 8, 4, 6, 8, 7]
+
+
+def test_tokenizer_roles_can_be_named_and_a_missing_role_is_one_sentence(tmp_path):
+    path = roberta_style_tokenizer(tmp_path / "tokenizer.json", with_mask=False)
+    with pytest.raises(ValueError, match=r"has no mask token \(looked for \[MASK\], <mask>.*--special-token mask=TOKEN"):
+        TextTokenizer(path, max_len=8)
+    tokenizer = TextTokenizer(path, max_len=8, special_tokens={"mask": "c"})
+    assert tokenizer.mask_id == 8 and 8 not in tokenizer.ordinary_ids
+    with pytest.raises(ValueError, match="the mask token 'MASK' is not in its vocabulary"):
+        TextTokenizer(path, max_len=8, special_tokens={"mask": "MASK"})
+    with pytest.raises(ValueError, match="unknown special-token role"):
+        TextTokenizer(path, max_len=8, special_tokens={"bos": "<s>"})
+
+
+def test_tokenizer_vocabulary_must_fit_the_weights_token_table(tokenizer):
+    tokenizer.check_fits(tokenizer.vocab_size, "weights")
+    with pytest.raises(ValueError, match=rf"has {tokenizer.vocab_size} tokens but the token table of "
+                                         r"EVE_base.pth has 64000 rows"):
+        tokenizer.check_fits(64000, "EVE_base.pth")
+
+
+def test_tokenizer_unreadable_file(tmp_path):
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot be read as a tokenizers JSON file"):
+        TextTokenizer(tmp_path / "tokenizer.json", max_len=16)
 
 
 def test_tokenizer_missing_file(tmp_path):

@@ -46,6 +46,14 @@ def test_presets_have_the_released_sizes():
     assert len(tiny.moe_layers) >= 1 and tiny.num_experts >= 4
 
 
+def test_routing_embedding_reaches_the_experts_by_default_and_old_configs_are_router_only():
+    assert all(config.routing_embedding_to_experts for config in PRESETS.values())
+    saved = preset("eve-base").to_dict()
+    assert EVEConfig.from_dict(saved) == preset("eve-base")
+    del saved["routing_embedding_to_experts"]  # as written before the setting existed
+    assert EVEConfig.from_dict(saved) == preset("eve-base").replace(routing_embedding_to_experts=False)
+
+
 def test_invalid_configs_name_the_key():
     with pytest.raises(ConfigError, match="'hidden_size'"):
         EVEConfig(hidden_size=100, num_heads=12)

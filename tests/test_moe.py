@@ -9,10 +9,11 @@ from eve_ds.model import FeedForward, ModalityAwareMoE, TEXT, VISION
 WIDTH, EXPERTS = 16, 4
 
 
-def make_moe(capacity_factor=4.0, min_capacity=1):
+def make_moe(capacity_factor=4.0, min_capacity=1, routing_embedding_to_experts=True):
     torch.manual_seed(0)
     return ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), EXPERTS, ep_size=1, k=2, capacity_factor=capacity_factor,
-                            eval_capacity_factor=capacity_factor, min_capacity=min_capacity)
+                            eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
+                            routing_embedding_to_experts=routing_embedding_to_experts)
 
 
 def tokens(batch=2, length=10, image_tokens=6):
@@ -22,8 +23,34 @@ def tokens(batch=2, length=10, image_tokens=6):
     return hidden, modality
 
 
-def test_router_sees_modality_embedding_and_experts_see_plain_hidden_state(monkeypatch):
-    moe = make_moe()
+def formula_moe(moe, hidden, modality, embedding_to_experts):
+    """Top-2 MoE written from the formula: the router scores h + e_modality; each of the two chosen experts
+    computes FFN(h + e_modality), or FFN(h) in the router-only variant; weights renormalised over the two."""
+    routed = hidden + moe.gate.modality_embed[modality]
+    top = torch.softmax(routed @ moe.gate.wg.weight.t(), -1).topk(2)
+    expert_input = routed if embedding_to_experts else hidden
+    outputs = torch.stack([expert(expert_input) for expert in moe.local_experts], -2)
+    chosen = outputs.gather(-2, top.indices[..., None].expand(*top.indices.shape, WIDTH))
+    return (chosen * (top.values / top.values.sum(-1, keepdim=True))[..., None]).sum(-2)
+
+
+@pytest.mark.parametrize("embedding_to_experts", [True, False])
+def test_output_is_the_formula_of_its_setting(embedding_to_experts):
+    moe = make_moe(capacity_factor=8.0, routing_embedding_to_experts=embedding_to_experts).eval()
+    with torch.no_grad():  # embeddings as large as the hidden states, so that the two settings differ clearly
+        moe.gate.modality_embed.normal_(0.0, 1.0)
+    hidden, modality = tokens()
+    with torch.no_grad():
+        output, _ = moe(hidden, modality)
+        expected = formula_moe(moe, hidden, modality, embedding_to_experts)
+        other = formula_moe(moe, hidden, modality, not embedding_to_experts)
+    torch.testing.assert_close(output, expected, rtol=1e-5, atol=1e-6)
+    assert (output - other).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("embedding_to_experts", [True, False])
+def test_experts_see_what_their_setting_says(monkeypatch, embedding_to_experts):
+    moe = make_moe(routing_embedding_to_experts=embedding_to_experts)
     hidden, modality = tokens()
     seen_logits, expert_inputs = [], []
     real_top2 = sharded_moe.top2gating
@@ -37,14 +64,14 @@ def test_router_sees_modality_embedding_and_experts_see_plain_hidden_state(monke
     flat = hidden.reshape(-1, WIDTH)
     router_input = flat + moe.gate.modality_embed.detach()[modality.reshape(-1)]
     torch.testing.assert_close(seen_logits[0], router_input @ moe.gate.wg.weight.detach().t())
-    # Every non-empty capacity slot an expert processes holds a plain hidden state, never h + e.
+    # Every non-empty capacity slot an expert processes holds h + e, or h in the router-only variant.
     slots = torch.cat([x.reshape(-1, WIDTH) for x in expert_inputs])
     filled = slots[slots.abs().sum(-1) > 0]
     assert len(filled) > 0
-    distance_to_plain = torch.cdist(filled, flat, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
-    assert distance_to_plain.max() < 1e-5
-    distance_to_routed = torch.cdist(filled, router_input, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
-    assert distance_to_routed.min() > 1e-3
+    seen, not_seen = (router_input, flat) if embedding_to_experts else (flat, router_input)
+    distance = lambda a, b: torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values  # noqa: E731
+    assert distance(filled, seen).max() < 1e-5
+    assert distance(filled, not_seen).min() > 1e-3
 
 
 def test_modality_embedding_steers_routing_per_modality():

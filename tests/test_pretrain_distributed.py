@@ -36,14 +36,20 @@ ZERO3_EP_CHECKPOINTED = {"zero_optimization": {"stage": 3, "stage3_param_persist
                          "eve": {"expert_parallel_size": 2, "activation_checkpointing": True}}
 
 
-@pytest.mark.parametrize("overrides", [{}, ZERO3_EP_CHECKPOINTED], ids=["zero2_ep", "zero3_ep_checkpointed"])
-def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides):
+# The ZeRO-2 run trains the router-only variant and is resumed without saying so: the checkpoint's setting wins.
+@pytest.mark.parametrize("overrides, first_args", [({}, ["--no-routing-embedding-to-experts"]),
+                                                   (ZERO3_EP_CHECKPOINTED, [])],
+                         ids=["zero2_ep_router_only", "zero3_ep_checkpointed"])
+def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides, first_args):
     steps, interrupted_at = 6, 3
     ds_config = small_ds_config(**overrides)
     full, log = launch_pretrain(tmp_path, tmp_path / "full", ds_config, "--steps", steps,
-                                "--save-interval", interrupted_at, data=dirty_manifest)
+                                "--save-interval", interrupted_at, *first_args, data=dirty_manifest)
     if overrides:
-        assert "ZeRO stage 3, expert-parallel size 2, activation checkpointing on" in log
+        assert "routing embedding to the router and experts; ZeRO stage 3, expert-parallel size 2, " \
+               "activation checkpointing on" in log
+    else:
+        assert "routing embedding to the router only" in log
     # A run that died after its step-3 checkpoint: same folder state as then.
     run = tmp_path / "interrupted"
     shutil.copytree(tmp_path / "full", run)
@@ -53,6 +59,8 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overr
     resumed, log = launch_pretrain(tmp_path, run, ds_config, "--steps", steps, "--save-interval",
                                    interrupted_at, "--resume", data=dirty_manifest)
     assert "resumed from" in log
+    if first_args:
+        assert "trained with routing_embedding_to_experts False; the resumed run keeps that" in log
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
     for before, after in zip(full[interrupted_at:], resumed[interrupted_at:]):
         for key in LOSSES + ("lr", ):

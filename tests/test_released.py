@@ -13,10 +13,10 @@ from eve_ds.config import preset
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO
+from tests.released_reference import encode_every_mode
 from tests.test_model import batch
 
-# No dropped tokens in eval mode, so that the reference below needs no capacity logic.
-CONFIG = preset("eve-tiny").replace(vocab_size=300, eval_capacity_factor=8.0)
+CONFIG = preset("eve-tiny").replace(vocab_size=300)
 
 
 def convert_cli(*args):
@@ -67,57 +67,65 @@ def test_base_export_has_the_authors_key_names_and_shapes():
     assert {name: tuple(t.shape) for name, t in released.items()} == {f"backbone.{k}": v for k, v in expected.items()}
 
 
-def released_forward(w, config, images, text_ids, text_padding_mask):
-    """EVE's encoder written against the released names (eval mode, top-2 routing on ``h + e_modality``)."""
-    def norm(x, name):
-        return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], config.layer_norm_eps)
-
-    def mlp(x, name):
-        h = F.linear(x, w[f"{name}.fc1.weight"], w[f"{name}.fc1.bias"])
-        return F.linear(h * torch.sigmoid(1.702 * h), w[f"{name}.fc2.weight"], w[f"{name}.fc2.bias"])
-
-    size, text_len = text_ids.shape
-    patches = F.conv2d(images, w["patch_embed.weight"], w["patch_embed.bias"], stride=config.patch_size)
-    image = torch.cat([w["class_embedding_vision"].expand(size, 1, -1), patches.flatten(2).transpose(1, 2)], 1)
-    image = image + w["pos_embed_vision"] + w["type_embed_vision"]
-    text = norm(F.embedding(text_ids, w["word_embedding.weight"]), "layer_norm_text")
-    text = text + w["pos_embed_text"][:text_len] + w["type_embed_text"]
-    x = norm(torch.cat([image, text], 1), "pre_layrnorm")
-    split = image.shape[1]
-    keep = torch.cat([torch.ones(size, split, dtype=torch.bool), text_padding_mask], 1)[:, None, None, :]
-    for layer in range(config.num_layers):
-        p = f"encoder.layers.{layer}."
-        qkv_bias = torch.cat([w[p + "attn.q_bias"], torch.zeros_like(w[p + "attn.q_bias"]), w[p + "attn.v_bias"]])
-        qkv = F.linear(norm(x, p + "norm1"), w[p + "attn.qkv.weight"], qkv_bias)
-        q, k, v = qkv.view(size, x.shape[1], 3, config.num_heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
-        x = x + w[p + "gamma_1"] * F.linear(attended, w[p + "attn.proj.weight"], w[p + "attn.proj.bias"])
-        if layer in config.moe_layers:
-            m = p + "mlp_moe.moe."
-            h = norm(x, p + "norm2_vl")
-            router_embed = torch.where(torch.arange(x.shape[1])[:, None] < split, w[m + "vision_embed"], w[m + "text_embed"])
-            top = torch.softmax((h + router_embed) @ w[m + "gate.wg.weight"].T, -1).topk(2)
-            experts = torch.stack([mlp(h, f"{m}experts.experts.{e}") for e in range(config.num_experts)], -2)
-            chosen = experts.gather(-2, top.indices[..., None].expand(-1, -1, -1, h.shape[-1]))
-            out = (chosen * (top.values / top.values.sum(-1, keepdim=True))[..., None]).sum(-2)
-        else:
-            out = torch.cat([mlp(norm(x[:, :split], p + "norm2_imag"), p + "mlp_imag"),
-                             mlp(norm(x[:, split:], p + "norm2_text"), p + "mlp_text")], 1)
-        x = x + w[p + "gamma_2"] * out
-    return norm(x, "norm")
-
-
 def test_export_computes_what_the_released_names_say(consolidated, tmp_path):
     result = convert_cli("export", consolidated, tmp_path / "released.pth")
     assert result.returncode == 0, result.stderr
     weights, _ = backbone(torch.load(tmp_path / "released.pth", weights_only=True))
     encoder = EVE.from_pretrained(consolidated).eval()
+    for mode, (ours, theirs) in encode_every_mode(encoder, weights, CONFIG, batch(CONFIG)).items():
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=mode)
+
+
+def test_import_computes_the_authors_function_in_every_mode(consolidated, tmp_path):
+    authors_style_file(consolidated, tmp_path / "authors.pth")
+    result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "imported", "--model", "eve-tiny")
+    assert result.returncode == 0, result.stderr
+    weights, _ = backbone(torch.load(tmp_path / "authors.pth", weights_only=True))
+    weights["mask_embed_vision"] = torch.zeros(CONFIG.hidden_size)
+    encoder = EVE.from_pretrained(tmp_path / "imported").eval()
+    assert encoder.config.routing_embedding_to_experts
     inputs = batch(CONFIG)
-    inputs = {key: inputs[key] for key in ("images", "text_ids", "text_padding_mask")}
-    with torch.no_grad():
-        ours, _ = encoder(**inputs)
-        theirs = released_forward(weights, CONFIG, **inputs)
-    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    for mode, (ours, theirs) in encode_every_mode(encoder, weights, CONFIG, inputs).items():
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=mode)
+    text_tokens = inputs["text_ids"].numel()
+    assert encoder.moe_layers()[0].gate.expert_load.sum() < 2 * text_tokens  # capacity dropped routes alike
+    # The routing embeddings are large enough here that the router-only variant computes something else.
+    router_only = EVE(CONFIG.replace(routing_embedding_to_experts=False)).eval()
+    router_only.load_state_dict(encoder.state_dict())
+    for mode, (ours, theirs) in encode_every_mode(router_only, weights, CONFIG, inputs).items():
+        assert (ours - theirs).abs().max() > 1e-2, mode
+
+
+def test_higher_resolution_load_interpolates_image_positions(consolidated, tmp_path):
+    """Weights pre-trained at 96 pixels (a 6x6 grid), loaded at 144 (9x9) and with a shorter text, as
+    fine-tuning at 384 loads weights pre-trained at 224."""
+    assert convert_cli("export", consolidated, tmp_path / "released.pth").returncode == 0
+    assert convert_cli("import", tmp_path / "released.pth", tmp_path / "imported").returncode == 0
+    encoder = EVE.from_pretrained(tmp_path / "imported", image_size=144, max_text_len=24).eval()
+    assert (encoder.config.image_size, encoder.config.max_text_len, encoder.config.num_image_tokens) == (144, 24, 82)
+
+    weights, _ = backbone(torch.load(tmp_path / "released.pth", weights_only=True))
+    table = weights["pos_embed_vision"]  # [37, width], as the authors store it
+    grid = table[1:].reshape(1, 6, 6, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(9, 9), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(81, -1)
+    weights["pos_embed_vision"] = torch.cat([table[:1], grid])
+    weights["pos_embed_text"] = weights["pos_embed_text"][:24]
+    config = CONFIG.replace(image_size=144, max_text_len=24)
+    for mode, (ours, theirs) in encode_every_mode(encoder, weights, config, batch(config)).items():
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=mode)
+
+    with pytest.raises(ValueError, match="holds 40 text positions, fewer than max_text_len 64"):
+        EVE.from_pretrained(tmp_path / "imported", max_text_len=64)
+    with pytest.raises(ValueError, match="'image_size'"):
+        EVE.from_pretrained(tmp_path / "imported", image_size=100)
+
+
+def test_export_refuses_a_router_only_model(consolidated, tmp_path):
+    state_dict, config = load_pretrained(consolidated)
+    save_pretrained(tmp_path / "router_only", state_dict, config.replace(routing_embedding_to_experts=False))
+    result = convert_cli("export", tmp_path / "router_only", tmp_path / "released.pth")
+    assert result.returncode == 2 and "router's input only" in result.stderr
+    assert not (tmp_path / "released.pth").exists()
 
 
 def test_export_then_import_is_the_identity(consolidated, tmp_path):

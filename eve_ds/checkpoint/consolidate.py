@@ -90,6 +90,15 @@ def resolve_tag_dir(checkpoint_dir, tag=None) -> Path:
     return tag_dir
 
 
+def saved_model_config(checkpoint_dir, tag=None) -> EVEConfig:
+    """The model config a checkpoint was written with, read without its tensors (memory-mapped)."""
+    tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    for name in (RANK_MODEL_STATES.format(rank=0), DENSE_STATES):
+        if (tag_dir / name).is_file():
+            return _model_config(load_file(tag_dir / name), tag_dir / name)
+    raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)} nor {DENSE_STATES}")
+
+
 class _Layout:
     """Which ranks share a partition of an optimizer group, and global names of expert parameters."""
 

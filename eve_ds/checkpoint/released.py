@@ -6,11 +6,11 @@ copy of DeepSpeed's MoE (``mlp_moe.moe.gate.wg``, ``mlp_moe.moe.experts.experts.
 ``mlp_moe.moe.vision_embed``/``text_embed``). Files written with stock DeepSpeed module names
 (``mlp_moe.deepspeed_moe.``, ``experts.deepspeed_experts.``) are read too.
 
-Two behaviours differ between the codes, not the weights: the authors' MoE layer adds the router
-embedding to the tokens the experts receive as well (eve-ds, as the paper, adds it to the router input
-only), and their gate samples the second expert in eval mode too (eve-ds routes deterministically there).
-Positions are not interpolated: a checkpoint's image and text position tables set ``image_size`` and
-``max_text_len`` of the imported model.
+The authors' MoE layer adds the routing embedding to the experts' input as well as the router's, so an
+imported model has ``routing_embedding_to_experts`` on, and a router-only model cannot be exported. One
+behaviour differs between the codes: their gate samples the second expert in eval mode too (eve-ds routes
+deterministically there). A checkpoint's image and text position tables set ``image_size`` and
+``max_text_len`` of the imported model; ``EVE.from_pretrained`` fits them to another resolution.
 """
 import math
 import pickle
@@ -129,6 +129,11 @@ def released_config(weights: dict, preset_config: EVEConfig) -> EVEConfig:
                                  max_text_len=weights["pos_embed_text"].shape[0])
 
 
+def authors_config(preset_config: EVEConfig) -> EVEConfig:
+    """The authors' model has no other MoE variant than the one whose experts see the routing embedding."""
+    return preset_config.replace(routing_embedding_to_experts=True)
+
+
 def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tuple:
     """Released backbone weights (``backbone`` output) -> eve-ds encoder weights; ``expected_shapes`` are the
     encoder's (name -> shape). Returns (weights, notes). Raises ValueError naming missing, unexpected and
@@ -173,6 +178,10 @@ def export_released(consolidated_dir, out_file):
     mismatch = state_dict_mismatch(_encoder_shapes(config), encoder)
     if mismatch:
         raise ValueError("\n".join([f"{consolidated_dir}: the encoder does not fit its config:", *mismatch]))
+    if not config.routing_embedding_to_experts:
+        raise ValueError(f"{consolidated_dir}: the model adds the routing embedding to the router's input only "
+                         "(routing_embedding_to_experts false); the authors' code adds it to the experts' input "
+                         "too, so these weights would compute another function there")
     checkpoint = {"model": to_released(encoder, config), "eve_ds_model_config": config.to_dict()}
     write_atomically(Path(out_file), lambda path: torch.save(checkpoint, path))
 
@@ -196,7 +205,7 @@ def import_released(path, preset_config: EVEConfig = None, allow_pickle: bool = 
         if embedded is None and preset_config is None:
             raise ValueError("carries no eve-ds model config: name the model it is (e.g. --model eve-base)")
         weights, left_out = backbone(checkpoint)
-        config = released_config(weights, EVEConfig.from_dict(embedded) if embedded else preset_config)
+        config = released_config(weights, EVEConfig.from_dict(embedded) if embedded else authors_config(preset_config))
         encoder, notes = from_released(weights, config, _encoder_shapes(config))
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eve_ds.data.tokenizer import SPECIAL_TOKENS, TextTokenizer
+from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import MaskingConfig, block_patch_mask, mask_text, random_patch_mask
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             image_mask = random_patch_mask(num_patches, num_masked, rng)
         ids, padding_mask, maskable = self.tokenizer.encode(caption)
         text_ids, text_labels = mask_text(ids, maskable, self.masking.text_mask_ratio, self.tokenizer.mask_id,
-                                          (len(SPECIAL_TOKENS), self.tokenizer.vocab_size), rng)
+                                          self.tokenizer.ordinary_ids, rng)
         return {"images": image, "image_mask": image_mask, "text_ids": text_ids, "text_labels": text_labels,
                 "text_padding_mask": padding_mask}
 

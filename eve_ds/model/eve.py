@@ -2,7 +2,8 @@
 
 Each pre-norm block has shared self-attention and, per the config, either a multiway FFN (a vision
 FFN for image tokens and a text FFN for text tokens) or a modality-aware sparse MoE FFN. The
-sequence is ``[CLS_img, patches..., CLS_txt, text..., SEP, pad...]``; image tokens come first.
+sequence is ``[CLS_img, patches..., CLS_txt, text..., SEP, pad...]``; image tokens come first. An image
+or a text can also be encoded alone (``encode_image``, ``encode_text``).
 """
 import torch
 import torch.nn.functional as F
@@ -91,7 +92,8 @@ class MultiwayBlock(nn.Module):
                                         ep_size=ep_size, ep_rank=ep_rank, k=config.top_k,
                                         capacity_factor=config.capacity_factor,
                                         eval_capacity_factor=config.eval_capacity_factor,
-                                        min_capacity=config.min_capacity, init_std=config.init_std)
+                                        min_capacity=config.min_capacity, init_std=config.init_std,
+                                        routing_embedding_to_experts=config.routing_embedding_to_experts)
         else:
             self.ffn = MultiwayFFN(width, config.ffn_hidden_size, config.layer_norm_eps)
         self.gamma1 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
@@ -156,20 +158,18 @@ class EVE(nn.Module):
         for param in (self.image_cls, self.image_pos, self.vision_mask_embed, self.text_pos, self.modality_type_embed):
             nn.init.trunc_normal_(param, std=std)
 
-    def modality_ids(self, text_len: int, device) -> torch.Tensor:
-        """[sequence] tensor: VISION for image tokens, TEXT for text tokens."""
-        return torch.cat([torch.full((self.config.num_image_tokens, ), VISION, device=device),
-                          torch.full((text_len, ), TEXT, device=device)])
-
-    def embed(self, images, text_ids, image_mask=None):
+    def embed_image(self, images, image_mask=None):
+        """[B, C, H, W] -> [B, num_image_tokens, width]: [CLS_img] and patches, with positions and type."""
         patches = self.patch_embed(images).flatten(2).transpose(1, 2)
         if image_mask is not None:  # BEiT-style: masked patches stay in the sequence as a learned embedding
             patches = torch.where(image_mask.unsqueeze(-1), self.vision_mask_embed.to(patches.dtype), patches)
         image = torch.cat([self.image_cls.expand(patches.shape[0], -1, -1), patches], dim=1) + self.image_pos
-        image = image + self.modality_type_embed[VISION]
+        return image + self.modality_type_embed[VISION]
+
+    def embed_text(self, text_ids):
+        """[B, L] -> [B, L, width]: layer-normed token embeddings, with positions and type."""
         text = self.token_norm(self.token_embed(text_ids)) + self.text_pos[:, :text_ids.shape[1]]
-        text = text + self.modality_type_embed[TEXT]
-        return self.embed_norm(torch.cat([image, text], dim=1))
+        return text + self.modality_type_embed[TEXT]
 
     def forward(self, images, text_ids, text_padding_mask, image_mask=None):
         """Encode an image-text batch.
@@ -178,31 +178,53 @@ class EVE(nn.Module):
         image_mask: optional [B, num_patches], True where a patch is masked.
         Returns hidden states [B, num_image_tokens + L, width] and the summed auxiliary MoE loss.
         """
-        x = self.embed(images, text_ids, image_mask)
-        batch, text_len = text_ids.shape
-        keep = torch.cat([text_padding_mask.new_ones(batch, self.config.num_image_tokens), text_padding_mask], 1)
-        attn_mask = keep[:, None, None, :]
-        modality_ids = self.modality_ids(text_len, x.device).expand(batch, -1)
+        return self._encode(self.embed_image(images, image_mask), self.embed_text(text_ids), text_padding_mask)
+
+    def encode_image(self, images, image_mask=None):
+        """An image alone (the authors' ``mode='vision'``, the retrieval dual encoder's image side): every
+        token takes the vision FFNs and the vision routing embedding. Returns [B, num_image_tokens, width]
+        and the auxiliary MoE loss."""
+        return self._encode(image=self.embed_image(images, image_mask))
+
+    def encode_text(self, text_ids, text_padding_mask):
+        """A text alone (the authors' ``mode='text'``): every token takes the text FFNs and the text routing
+        embedding. Returns [B, L, width] and the auxiliary MoE loss."""
+        return self._encode(text=self.embed_text(text_ids), text_padding_mask=text_padding_mask)
+
+    def _encode(self, image=None, text=None, text_padding_mask=None):
+        """The blocks over ``[image tokens..., text tokens...]``, where either part may be absent."""
+        parts = [part for part in (image, text) if part is not None]
+        x = self.embed_norm(torch.cat(parts, dim=1))
+        batch, num_image_tokens = x.shape[0], image.shape[1] if image is not None else 0
+        attn_mask = None
+        if text is not None:
+            keep = torch.cat([text_padding_mask.new_ones(batch, num_image_tokens), text_padding_mask], 1)
+            attn_mask = keep[:, None, None, :]
+        modality_ids = torch.cat([torch.full((num_image_tokens, ), VISION, device=x.device),
+                                  torch.full((x.shape[1] - num_image_tokens, ), TEXT, device=x.device)])
+        modality_ids = modality_ids.expand(batch, -1)
         aux_loss = x.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 # Non-reentrant checkpointing restores the RNG state for the recomputation, so the gate's
                 # sampled second expert (and drop path) repeat exactly; the aux loss returned here is the
                 # first pass's, so it is counted once.
-                x, block_aux = torch.utils.checkpoint.checkpoint(block, x, attn_mask, modality_ids,
-                                                                 self.config.num_image_tokens, use_reentrant=False)
+                x, block_aux = torch.utils.checkpoint.checkpoint(block, x, attn_mask, modality_ids, num_image_tokens,
+                                                                 use_reentrant=False)
             else:
-                x, block_aux = block(x, attn_mask, modality_ids, self.config.num_image_tokens)
+                x, block_aux = block(x, attn_mask, modality_ids, num_image_tokens)
             aux_loss = aux_loss + block_aux.float()
         return self.norm(x), aux_loss
 
     @classmethod
-    def from_pretrained(cls, path) -> "EVE":
+    def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "EVE":
         """The encoder from a consolidated checkpoint folder (tools/consolidate.py); the pre-training heads
-        in it are left out. Every expert is local (expert-parallel size 1)."""
+        in it are left out. Every expert is local (expert-parallel size 1). ``image_size`` and
+        ``max_text_len`` load the weights into a model of another resolution or text length (the image
+        positions are interpolated, the text positions cut)."""
         from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
 
-        state_dict, config = load_pretrained(path)
+        state_dict, config = load_pretrained(path, image_size, max_text_len)
         encoder = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
         return load_state_dict_strictly(cls(config), encoder, path)
 

@@ -1,9 +1,11 @@
 """Modality-aware sparse MoE FFN on top of DeepSpeed's MoE (expert parallelism, GShard top-k gating).
 
-EVE's router sees ``h + e_vision`` for image tokens and ``h + e_text`` for text tokens; the experts
-see ``h`` unchanged. DeepSpeed's ``MOELayer`` routes and dispatches one tensor, but it forwards its
-second input untouched to the gate (``used_token``, which top-2 gating ignores), so the per-token
-modality ids travel through that channel and the gate adds the embedding to its own input only.
+EVE's router sees ``h + e_vision`` for image tokens and ``h + e_text`` for text tokens. As in the
+authors' released code, the experts compute on that same sum, FFN(h + e_modality); with
+``routing_embedding_to_experts=False`` they see ``h`` and only the router gets the embedding.
+DeepSpeed's ``MOELayer`` routes and dispatches one tensor, and it forwards its second input untouched to
+the gate (``used_token``, which top-2 gating ignores), so the per-token modality ids travel through that
+channel; in the router-only variant the gate adds the embedding to its own input.
 """
 import torch
 from torch import nn
@@ -11,16 +13,19 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from deepspeed.utils import groups
+from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
 VISION, TEXT = 0, 1
 NUM_MODALITIES = 2
 
 
 class ModalityAwareGate(TopKGate):
-    """Top-k gate whose router input is the hidden state plus a learned per-modality embedding."""
+    """Top-k gate whose router input is the hidden state plus a learned per-modality embedding; with
+    ``input_has_embedding`` the layer has added the embedding already (the experts see it too)."""
 
-    def __init__(self, hidden_size: int, num_experts: int, **gate_kwargs):
+    def __init__(self, hidden_size: int, num_experts: int, input_has_embedding: bool, **gate_kwargs):
         super().__init__(hidden_size, num_experts, **gate_kwargs)
+        self.input_has_embedding = input_has_embedding
         self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, hidden_size))
         nn.init.trunc_normal_(self.modality_embed, std=0.02)
         # [modality, expert] routed-token counts of the last forward, for logging only.
@@ -31,7 +36,9 @@ class ModalityAwareGate(TopKGate):
         # models must route deterministically, so sample only while training.
         self.top2_2nd_expert_sampling = self.training
         modality_ids = modality_ids.reshape(-1)
-        router_input = input.float() + self.modality_embed.float()[modality_ids]
+        router_input = input.float()
+        if not self.input_has_embedding:
+            router_input = router_input + self.modality_embed.float()[modality_ids]
         gate_output = super().forward(router_input, None, sparse_routes, use_tutel)
         if sparse_routes:
             self._record_load(expert_indices=gate_output[3], modality_ids=modality_ids)
@@ -57,19 +64,23 @@ class ModalityAwareMoE(nn.Module):
 
     def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int, ep_size: int = 1, ep_rank: int = 0,
                  k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 init_std: float = 0.02):
+                 init_std: float = 0.02, routing_embedding_to_experts: bool = True):
         nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
         if num_experts % ep_size:
             raise ValueError(f"num_experts ({num_experts}) is not divisible by expert-parallel size ({ep_size})")
         self.num_experts, self.ep_size = num_experts, ep_size
         self.num_local_experts = num_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
-        gate = ModalityAwareGate(hidden_size, num_experts, k=k, capacity_factor=capacity_factor,
+        self.routing_embedding_to_experts = routing_embedding_to_experts
+        gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, k=k, capacity_factor=capacity_factor,
                                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self._init_experts(ep_rank, init_std)
+        if routing_embedding_to_experts:
+            # This layer reads the gate's embedding outside the gate's forward: ZeRO-3 must gather it here too.
+            register_external_parameter(self, gate.modality_embed)
 
     @property
     def gate(self) -> ModalityAwareGate:
@@ -112,6 +123,8 @@ class ModalityAwareMoE(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, modality_ids: torch.Tensor):
         """Returns the FFN output (shape of ``hidden_states``) and the auxiliary load-balancing loss."""
+        if self.routing_embedding_to_experts:
+            hidden_states = hidden_states + self.gate.modality_embed.to(hidden_states.dtype)[modality_ids]
         output = self.deepspeed_moe(hidden_states, modality_ids)
         return output, self.deepspeed_moe.l_aux
 

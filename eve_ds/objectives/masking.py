@@ -6,6 +6,7 @@ only on (seed, epoch, index): a resumed run sees exactly the masks of an uninter
 import math
 import random
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 
@@ -68,9 +69,9 @@ def block_patch_mask(grid_size: int, num_masked: int, rng: random.Random, min_bl
 
 
 def mask_text(token_ids: torch.Tensor, maskable: torch.Tensor, ratio: float, mask_id: int,
-              random_token_range: tuple, rng: random.Random):
-    """BERT-style masking of a [L] sequence: of the chosen positions 80% become [MASK], 10% a random
-    token, 10% stay. ``maskable`` marks positions that may be chosen (not special, not padding).
+              random_tokens: Sequence[int], rng: random.Random):
+    """BERT-style masking of a [L] sequence: of the chosen positions 80% become [MASK], 10% a token drawn
+    from ``random_tokens``, 10% stay. ``maskable`` marks positions that may be chosen (not special, not padding).
     Returns (input ids, labels with IGNORE_INDEX at unchosen positions)."""
     candidates = maskable.nonzero().flatten().tolist()
     count = min(len(candidates), max(1, round(ratio * len(candidates)))) if ratio > 0 else 0
@@ -81,5 +82,5 @@ def mask_text(token_ids: torch.Tensor, maskable: torch.Tensor, ratio: float, mas
         if draw < 0.8:
             inputs[position] = mask_id
         elif draw < 0.9:
-            inputs[position] = rng.randrange(*random_token_range)
+            inputs[position] = random_tokens[rng.randrange(len(random_tokens))]
     return inputs, labels

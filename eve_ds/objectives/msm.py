@@ -36,11 +36,12 @@ class MaskedSignalModeling(nn.Module):
             nn.init.zeros_(head.bias)
 
     @classmethod
-    def from_pretrained(cls, path) -> "MaskedSignalModeling":
-        """Encoder and pre-training heads from a consolidated checkpoint folder (tools/consolidate.py)."""
+    def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "MaskedSignalModeling":
+        """Encoder and pre-training heads from a consolidated checkpoint folder (tools/consolidate.py); the
+        options are ``EVE.from_pretrained``'s."""
         from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
 
-        state_dict, config = load_pretrained(path)
+        state_dict, config = load_pretrained(path, image_size, max_text_len)
         return load_state_dict_strictly(cls(config), state_dict, path)
 
     def forward(self, images, image_mask, text_ids, text_labels, text_padding_mask):
