@@ -23,7 +23,8 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.config import preset  # noqa: E402
-from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage  # noqa: E402
+from eve_ds.engine import initialize, load_deepspeed_config, zero_stage  # noqa: E402
+from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.params import parameter_counts  # noqa: E402
 
@@ -92,9 +93,10 @@ def main():
     ep_size = parallelism.expert_parallel_size
 
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
+    model = MaskedSignalModeling(config, placement)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
-    engine, _ = initialize(model, ds_config, ep_size)
+    engine, _ = initialize(model, ds_config, placement)
     batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1).items()}
     engine.backward(engine(**batch)["loss"])
     engine.step()

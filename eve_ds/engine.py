@@ -12,7 +12,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups, set_z3_leaf_modules
 
 from eve_ds.config import ConfigError
-from eve_ds.model.moe import ModalityAwareGate, use_engine_managed_moe
+from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, use_engine_managed_moe
 
 # Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
 EVE_SECTION = "eve"
@@ -97,11 +97,6 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
     return config, options
 
 
-def expert_parallel_rank(global_rank: int, ep_size: int) -> int:
-    """DeepSpeed builds expert-parallel groups from consecutive ranks ([0, 1], [2, 3], ... for ep_size 2)."""
-    return global_rank % ep_size
-
-
 def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() < 2 or name.endswith(("_pos", "_cls", "_embed", "token_embed.weight",
                                              "modality_type_embed"))
@@ -123,8 +118,8 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, ep_size: int):
-    """Wraps the model in a DeepSpeed engine; returns (engine, lr scheduler)."""
+def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlacement):
+    """Wraps the model (built with ``placement``) in a DeepSpeed engine; returns (engine, lr scheduler)."""
     if zero_stage(ds_config) == 3:
         # The gate reads its router weight directly rather than calling that Linear, so ZeRO-3 must gather
         # the gate's parameters as one leaf module.
@@ -134,9 +129,9 @@ def initialize(model: torch.nn.Module, ds_config: dict, ep_size: int):
     weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
                                                    model_parameters=optimizer_param_groups(model, weight_decay))
-    if ep_size > 1:
-        actual = groups._get_expert_parallel_rank(f"ep_size_{ep_size}")
-        expected = expert_parallel_rank(engine.global_rank, ep_size)
+    if placement.ep_size > 1:
+        actual = groups._get_expert_parallel_rank(f"ep_size_{placement.ep_size}")
+        expected = placement.ep_rank
         if actual != expected:
             raise RuntimeError(f"expert-parallel rank is {actual}, expected {expected}: experts were initialised "
                                "for a different layout (is use_data_before_expert_parallel_ set?)")

@@ -11,7 +11,6 @@ import resource
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import deepspeed
@@ -20,12 +19,12 @@ import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from eve_ds.checkpoint.consolidate import global_expert_name, saved_model_config
+from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
-from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config, zero_stage
-from eve_ds.model.moe import TEXT, VISION
+from eve_ds.engine import initialize, load_deepspeed_config, zero_stage
+from eve_ds.model.moe import TEXT, VISION, ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.params import parameter_counts
 
@@ -214,12 +213,11 @@ def main(argv=None):
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
                                          num_workers=args.num_workers)
 
-    ep_rank = expert_parallel_rank(rank, ep_size)
-    global_name = partial(global_expert_name, ep_rank=ep_rank, num_local_experts=config.num_experts // ep_size)
+    placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)
-    model = MaskedSignalModeling(config, ep_size=ep_size, ep_rank=ep_rank)
+    model = MaskedSignalModeling(config, placement)
     if universal is not None:
-        model.load_state_dict({name: universal.weights[global_name(name)] for name in model.state_dict()})
+        model.load_state_dict({name: universal.weights[placement.global_name(name)] for name in model.state_dict()})
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "
@@ -227,7 +225,7 @@ def main(argv=None):
                 counts.total / 1e6, counts.activated / 1e6, config.num_experts, list(config.moe_layers),
                 "router and experts" if config.routing_embedding_to_experts else "router only",
                 zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
-    engine, _ = initialize(model, ds_config, ep_size)
+    engine, _ = initialize(model, ds_config, placement)
     device = engine.device
 
     start_step = 0
@@ -236,7 +234,7 @@ def main(argv=None):
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", path, start_step)
     elif universal is not None:
-        restore_optimizer_state(engine, universal, global_name)
+        restore_optimizer_state(engine, universal, placement.global_name)
         start_step = universal.step
         logger.info("resumed from universal checkpoint %s at step %d", args.resume_from, start_step)
     if is_main:

@@ -12,10 +12,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.engine import expert_parallel_rank, initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.engine import initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.pretrain import step_seed  # noqa: E402
-from eve_ds.checkpoint.consolidate import global_expert_name  # noqa: E402
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
 
@@ -32,9 +32,10 @@ def main():
     ep_size = parallelism.expert_parallel_size
 
     torch.manual_seed(SEED)
-    model = MaskedSignalModeling(PARITY_CONFIG, ep_size=ep_size, ep_rank=expert_parallel_rank(rank, ep_size))
+    placement = ExpertPlacement.of_global_rank(rank, PARITY_CONFIG.num_experts, ep_size)
+    model = MaskedSignalModeling(PARITY_CONFIG, placement)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
-    engine, _ = initialize(model, ds_config, ep_size)
+    engine, _ = initialize(model, ds_config, placement)
 
     batch = shard(global_batch(ds_config["train_micro_batch_size_per_gpu"] * world_size), rank, world_size)
     torch.manual_seed(step_seed(SEED, 1, 0, rank))
@@ -48,12 +49,10 @@ def main():
     with torch.no_grad():  # eval mode routes deterministically: the reference for consolidated weights
         evaluation = {name: value.item() for name, value in engine(**batch).items()}
 
-    num_local_experts = PARITY_CONFIG.num_experts // ep_size
     weights = {}
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            weights[global_expert_name(name, expert_parallel_rank(rank, ep_size), num_local_experts)] = \
-                param.detach().clone()
+            weights[placement.global_name(name)] = param.detach().clone()
     gathered_weights, losses, evaluations = [None] * world_size, [None] * world_size, [None] * world_size
     dist.all_gather_object(gathered_weights, weights)
     dist.all_gather_object(losses, loss.item())

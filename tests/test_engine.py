@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from eve_ds.config import ConfigError, preset
-from eve_ds.engine import expert_parallel_rank, load_deepspeed_config, optimizer_param_groups
+from eve_ds.engine import load_deepspeed_config, optimizer_param_groups
+from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO, small_ds_config
 
@@ -50,8 +51,12 @@ def test_unreadable_config_files(tmp_path):
         load_deepspeed_config(write(tmp_path, "{oops"), 2, 4, 10)
 
 
-def test_expert_parallel_rank_follows_deepspeed_layout():
-    assert [expert_parallel_rank(rank, 2) for rank in range(4)] == [0, 1, 0, 1]
+def test_expert_placement_follows_deepspeed_layout():
+    placements = [ExpertPlacement.of_global_rank(rank, num_experts=8, ep_size=2) for rank in range(4)]
+    assert [p.ep_rank for p in placements] == [0, 1, 0, 1]
+    assert placements[3].sharing_ranks(world_size=4) == [1, 3]
+    assert placements[3].global_name("encoder.blocks.2.ffn.deepspeed_moe.experts.deepspeed_experts.1.fc1.weight") \
+        == "encoder.blocks.2.ffn.deepspeed_moe.experts.deepspeed_experts.5.fc1.weight"
 
 
 def test_param_groups_split_experts_and_exempt_norms_from_decay():

@@ -4,14 +4,14 @@ import pytest
 import torch
 from deepspeed.moe import sharded_moe
 
-from eve_ds.model import FeedForward, ModalityAwareMoE, TEXT, VISION
+from eve_ds.model import ExpertPlacement, FeedForward, ModalityAwareMoE, TEXT, VISION
 
 WIDTH, EXPERTS = 16, 4
 
 
 def make_moe(capacity_factor=4.0, min_capacity=1, routing_embedding_to_experts=True):
     torch.manual_seed(0)
-    return ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), EXPERTS, ep_size=1, k=2, capacity_factor=capacity_factor,
+    return ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), ExpertPlacement(EXPERTS), k=2, capacity_factor=capacity_factor,
                             eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
                             routing_embedding_to_experts=routing_embedding_to_experts)
 
@@ -144,4 +144,4 @@ def test_second_expert_sampling_only_in_training():
 
 def test_expert_count_must_divide_over_expert_parallel_ranks():
     with pytest.raises(ValueError, match="not divisible"):
-        ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), num_experts=6, ep_size=4)
+        ExpertPlacement(num_experts=6, ep_size=4)

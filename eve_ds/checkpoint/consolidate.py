@@ -14,7 +14,6 @@ ZeRO stage 0 has no partitions: its weights come whole from ``mp_rank_00_model_s
 ``layer_L_expert_E_mp_rank_00_model_states.pt``, without optimizer moments.
 """
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,13 +24,12 @@ from deepspeed.utils.tensor_fragment import fragment_address
 
 from eve_ds.checkpoint.pretrained import state_dict_mismatch
 from eve_ds.config import EVEConfig
-from eve_ds.engine import expert_parallel_rank
+from eve_ds.model.moe import LOCAL_EXPERT_KEY, ExpertPlacement
 
 DENSE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 RANK_OPTIM_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # What DeepSpeed pickles beside tensors; allowed so that files load with weights_only=True.
 DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
@@ -53,11 +51,6 @@ class ConsolidatedCheckpoint:
     optimizer_steps: int = None
     lr_scheduler: dict = None
     notes: list = field(default_factory=list)
-
-
-def global_expert_name(name: str, ep_rank: int, num_local_experts: int) -> str:
-    """``...deepspeed_experts.<local>...`` on expert-parallel rank r -> ``...deepspeed_experts.<global>...``"""
-    return EXPERT_KEY.sub(lambda m: f"{m[1]}{ep_rank * num_local_experts + int(m[2])}{m[3]}", name)
 
 
 def load_file(path: Path) -> dict:
@@ -105,19 +98,19 @@ class _Layout:
     def __init__(self, config: EVEConfig, world_size: int, param_shapes: list):
         first_moe = f"encoder.blocks.{config.moe_layers[0]}.ffn." if config.moe_layers else "-"
         local = {m[2] for shapes in param_shapes for name in shapes
-                 if name.startswith(first_moe) and (m := EXPERT_KEY.search(name))}
-        self.ep_size = config.num_experts // len(local) if local else 1
-        self.num_local_experts = config.num_experts // self.ep_size
+                 if name.startswith(first_moe) and (m := LOCAL_EXPERT_KEY.search(name))}
+        ep_size = config.num_experts // len(local) if local else 1
+        self.placements = [ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
+                           for rank in range(world_size)]
         self.world_size = world_size
 
     def members(self, rank: int, names) -> list:
-        if any(EXPERT_KEY.search(name) for name in names):
-            ep_rank = expert_parallel_rank(rank, self.ep_size)
-            return [r for r in range(self.world_size) if expert_parallel_rank(r, self.ep_size) == ep_rank]
+        if any(LOCAL_EXPERT_KEY.search(name) for name in names):
+            return self.placements[rank].sharing_ranks(self.world_size)
         return list(range(self.world_size))
 
     def global_name(self, name: str, rank: int) -> str:
-        return global_expert_name(name, expert_parallel_rank(rank, self.ep_size), self.num_local_experts)
+        return self.placements[rank].global_name(name)
 
 
 def _unflatten(tag_dir, layout, param_shapes, flats, piece_of):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eve_ds.config import EVEConfig
-from eve_ds.model.moe import TEXT, VISION, ModalityAwareMoE
+from eve_ds.model.moe import TEXT, VISION, ExpertPlacement, ModalityAwareMoE
 
 
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -81,15 +81,14 @@ class MultiwayFFN(nn.Module):
 
 class MultiwayBlock(nn.Module):
 
-    def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, ep_size: int, ep_rank: int):
+    def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, placement: ExpertPlacement):
         super().__init__()
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.attn = Attention(width, config.num_heads)
         if use_moe:  # one norm for all tokens before the MoE FFN; a multiway FFN has a norm per modality
             self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-            self.ffn = ModalityAwareMoE(width, FeedForward(width, config.ffn_hidden_size), config.num_experts,
-                                        ep_size=ep_size, ep_rank=ep_rank, k=config.top_k,
+            self.ffn = ModalityAwareMoE(width, FeedForward(width, config.ffn_hidden_size), placement, k=config.top_k,
                                         capacity_factor=config.capacity_factor,
                                         eval_capacity_factor=config.eval_capacity_factor,
                                         min_capacity=config.min_capacity, init_std=config.init_std,
@@ -115,10 +114,13 @@ class MultiwayBlock(nn.Module):
 
 
 class EVE(nn.Module):
-    """The unified encoder. ``ep_size``/``ep_rank`` say which experts this process holds."""
+    """The unified encoder. ``placement`` says which experts this process holds (default: all of them)."""
 
-    def __init__(self, config: EVEConfig, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, config: EVEConfig, placement: ExpertPlacement = None):
         super().__init__()
+        placement = placement or ExpertPlacement(config.num_experts)
+        if placement.num_experts != config.num_experts:
+            raise ValueError(f"the placement is of {placement.num_experts} experts, the model has {config.num_experts}")
         self.config = config
         width = config.hidden_size
         self.patch_embed = nn.Conv2d(config.in_channels, width, config.patch_size, stride=config.patch_size)
@@ -132,7 +134,7 @@ class EVE(nn.Module):
         self.embed_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)  # over the joint sequence
         drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
         self.blocks = nn.ModuleList(
-            MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, ep_size=ep_size, ep_rank=ep_rank)
+            MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, placement=placement)
             for i in range(config.num_layers))
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.activation_checkpointing = False

@@ -7,6 +7,9 @@ DeepSpeed's ``MOELayer`` routes and dispatches one tensor, and it forwards its s
 the gate (``used_token``, which top-2 gating ignores), so the per-token modality ids travel through that
 channel; in the router-only variant the gate adds the embedding to its own input.
 """
+import re
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 from deepspeed.moe.experts import Experts
@@ -17,6 +20,43 @@ from deepspeed.runtime.zero.partition_parameters import register_external_parame
 
 VISION, TEXT = 0, 1
 NUM_MODALITIES = 2
+LOCAL_EXPERT_KEY = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    """Where the experts of every MoE layer live. A layer's experts are cut into ``ep_size`` blocks of
+    consecutive global indices, block r held by expert-parallel rank r, whose parameter names count its
+    experts from 0 (``...deepspeed_experts.<local index>...``)."""
+    num_experts: int
+    ep_size: int = 1
+    ep_rank: int = 0
+
+    def __post_init__(self):
+        if self.num_experts % self.ep_size:
+            raise ValueError(f"num_experts ({self.num_experts}) is not divisible by expert-parallel size "
+                             f"({self.ep_size})")
+
+    @classmethod
+    def of_global_rank(cls, global_rank: int, num_experts: int, ep_size: int) -> "ExpertPlacement":
+        """DeepSpeed builds expert-parallel groups from consecutive global ranks ([0, 1], [2, 3], ... for
+        ep_size 2), so global rank g is expert-parallel rank g % ep_size."""
+        return cls(num_experts, ep_size, global_rank % ep_size)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    def global_index(self, local_index: int) -> int:
+        return self.ep_rank * self.num_local_experts + local_index
+
+    def global_name(self, name: str) -> str:
+        """A parameter name of this rank's model -> its name in the model that holds every expert."""
+        return LOCAL_EXPERT_KEY.sub(lambda m: f"{m[1]}{self.global_index(int(m[2]))}{m[3]}", name)
+
+    def sharing_ranks(self, world_size: int) -> list:
+        """The global ranks that hold the same experts (the expert-data-parallel group)."""
+        return [rank for rank in range(world_size) if rank % self.ep_size == self.ep_rank]
 
 
 class ModalityAwareGate(TopKGate):
@@ -62,14 +102,12 @@ class ModalityAwareMoE(nn.Module):
     attributes and ``set_deepspeed_parallelism`` hook the DeepSpeed engine expects of an MoE layer.
     """
 
-    def __init__(self, hidden_size: int, expert: nn.Module, num_experts: int, ep_size: int = 1, ep_rank: int = 0,
-                 k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+    def __init__(self, hidden_size: int, expert: nn.Module, placement: ExpertPlacement, k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  init_std: float = 0.02, routing_embedding_to_experts: bool = True):
         nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
-        if num_experts % ep_size:
-            raise ValueError(f"num_experts ({num_experts}) is not divisible by expert-parallel size ({ep_size})")
+        num_experts, ep_size = placement.num_experts, placement.ep_size
         self.num_experts, self.ep_size = num_experts, ep_size
-        self.num_local_experts = num_experts // ep_size
+        self.num_local_experts = placement.num_local_experts
         self.expert_group_name = f"ep_size_{ep_size}"
         self.routing_embedding_to_experts = routing_embedding_to_experts
         gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, k=k, capacity_factor=capacity_factor,
@@ -77,7 +115,7 @@ class ModalityAwareMoE(nn.Module):
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
-        self._init_experts(ep_rank, init_std)
+        self._init_experts(placement, init_std)
         if routing_embedding_to_experts:
             # This layer reads the gate's embedding outside the gate's forward: ZeRO-3 must gather it here too.
             register_external_parameter(self, gate.modality_embed)
@@ -91,13 +129,13 @@ class ModalityAwareMoE(nn.Module):
         return self.deepspeed_moe.experts.deepspeed_experts
 
     @torch.no_grad()
-    def _init_experts(self, ep_rank: int, std: float):
+    def _init_experts(self, placement: ExpertPlacement, std: float):
         # DeepSpeed's experts start as copies of one template. Each expert here draws from a generator keyed
         # by its global index instead, so the weights differ between experts but not with how experts are
         # spread over ranks (the base seed comes from the global RNG, which every rank seeds alike).
         base_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
         for local_index, expert in enumerate(self.local_experts):
-            generator = torch.Generator().manual_seed(base_seed + ep_rank * self.num_local_experts + local_index)
+            generator = torch.Generator().manual_seed(base_seed + placement.global_index(local_index))
             for linear in (module for module in expert.modules() if isinstance(module, nn.Linear)):
                 weight = torch.empty(linear.weight.shape)
                 nn.init.trunc_normal_(weight, std=std, generator=generator)

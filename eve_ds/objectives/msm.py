@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eve_ds.config import EVEConfig
-from eve_ds.model import EVE
+from eve_ds.model import EVE, ExpertPlacement
 from eve_ds.objectives.masking import IGNORE_INDEX
 
 
@@ -25,10 +25,10 @@ def normalized_pixel_targets(images: torch.Tensor, patch_size: int, eps: float =
 class MaskedSignalModeling(nn.Module):
     """EVE with its two pre-training heads; ``forward`` returns the loss and its parts."""
 
-    def __init__(self, config: EVEConfig, ep_size: int = 1, ep_rank: int = 0):
+    def __init__(self, config: EVEConfig, placement: ExpertPlacement = None):
         super().__init__()
         self.config = config
-        self.encoder = EVE(config, ep_size=ep_size, ep_rank=ep_rank)
+        self.encoder = EVE(config, placement)
         self.image_head = nn.Linear(config.hidden_size, config.patch_size**2 * config.in_channels)
         self.text_head = nn.Linear(config.hidden_size, config.vocab_size)
         for head in (self.image_head, self.text_head):
