@@ -16,14 +16,13 @@ import json
 import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.config import preset  # noqa: E402
-from eve_ds.engine import initialize, load_deepspeed_config, zero_stage  # noqa: E402
+from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage  # noqa: E402
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.params import parameter_counts  # noqa: E402
@@ -84,7 +83,7 @@ def main():
                         help="also save the training state there as an eve-ds checkpoint (benchmarks/consolidate.py)")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = preset(args.model)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10)

@@ -3,10 +3,12 @@
 The model knows nothing of DeepSpeed launch details; everything distributed is applied from here.
 """
 import json
+import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import deepspeed
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups, set_z3_leaf_modules
@@ -24,6 +26,20 @@ class ParallelismOptions:
     expert_parallel_size: int = 1
     activation_checkpointing: bool = False  # recompute each Transformer block in the backward pass
 SUPPORTED_ZERO_STAGES = (0, 1, 2, 3)
+
+
+def init_distributed():
+    """torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. On CPU, when every rank is on one
+    machine, DeepSpeed's shared-memory all-reduce creates a 66 MB file in /dev/shm per rank and never removes
+    it; once all ranks have mapped their peers' files (a barrier), each removes its file's name, so that the
+    memory goes with the processes however they end."""
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        return
+    dist.barrier()
+    shared = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+                                 f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    shared.unlink(missing_ok=True)
 
 
 def bf16_available() -> bool:

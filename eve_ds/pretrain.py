@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import resource
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,10 +19,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.training import RunCheckpoints
+from eve_ds.cluster import EXIT_REQUEUE, StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
-from eve_ds.engine import initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
 from eve_ds.model.moe import TEXT, VISION, ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.params import parameter_counts
@@ -48,9 +49,14 @@ def parse_args(argv=None):
     parser.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps to train in all")
     parser.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    parser.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept on disk")
+    parser.add_argument("--keep-checkpoints", type=int, default=2,
+                        help="newest complete checkpoints kept on disk (0: all)")
     parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the run folder's newest complete checkpoint (an error if it has none)")
+    parser.add_argument("--auto-resume", action="store_true",
+                        help="continue from the newest complete checkpoint if the run folder has one, else start: "
+                             "the same command starts a run and resumes it after a requeue")
     parser.add_argument("--resume-from", default=None,
                         help="continue from a universal checkpoint folder (tools/reshard.py), at any world size, "
                              "expert-parallel size and ZeRO stage")
@@ -62,8 +68,8 @@ def parse_args(argv=None):
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
-    if args.resume and args.resume_from:
-        parser.error("--resume and --resume-from exclude each other")
+    if (args.resume or args.auto_resume) and args.resume_from:
+        parser.error("--resume/--auto-resume and --resume-from exclude each other")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
@@ -166,19 +172,14 @@ def summarize_expert_load(layer_indices, loads) -> dict:
     return summary
 
 
-def save_checkpoint(engine, checkpoint_dir: Path, step: int, client_state: dict, keep: int):
-    engine.save_checkpoint(str(checkpoint_dir), tag=f"step_{step:08d}", client_state={**client_state, "step": step})
-    dist.barrier()
-    if engine.global_rank == 0 and keep > 0:
-        tags = sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir())
-        for old in tags[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def main(argv=None):
+def main(argv=None, stop: StopRequest = None):
+    stop = stop or StopRequest()
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if set_distributed_env_from_slurm():
+        logger.info("srun task %s of %s: master %s:%s", os.environ["RANK"], os.environ["WORLD_SIZE"],
+                    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     is_main = rank == 0
     if not is_main:
@@ -188,13 +189,14 @@ def main(argv=None):
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
     if args.routing_embedding_to_experts is not None:
         config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
-    checkpoint_dir = args.out / "checkpoints"
+    checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
     universal = load_universal(args.resume_from) if args.resume_from else None
-    if args.resume and not (checkpoint_dir / "latest").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir}")
-    if universal is not None or args.resume:
-        source = args.resume_from or checkpoint_dir
-        saved = universal.model_config if universal is not None else saved_model_config(checkpoint_dir)
+    resume_tag = checkpoints.newest_verified() if args.resume or args.auto_resume else None
+    if args.resume and resume_tag is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints.dir}")
+    if universal is not None or resume_tag is not None:
+        source = args.resume_from or resume_tag
+        saved = universal.model_config if universal is not None else saved_model_config(resume_tag)
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
@@ -211,7 +213,7 @@ def main(argv=None):
         raise ConfigError(f"{len(dataset)} samples give no full micro batch of {micro_batch} on each of "
                           f"{world_size} ranks")
     loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers)
+                                         num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)
@@ -229,8 +231,8 @@ def main(argv=None):
     device = engine.device
 
     start_step = 0
-    if args.resume:
-        path, client_state = engine.load_checkpoint(str(checkpoint_dir))
+    if resume_tag is not None:
+        path, client_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
         start_step = client_state["step"]
         logger.info("resumed from %s at step %d", path, start_step)
     elif universal is not None:
@@ -247,7 +249,7 @@ def main(argv=None):
     # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
     progress = tqdm(total=args.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                     desc="pre-training", unit="step")
-    step_times = []
+    step_times, stopped = [], False
     for step in range(start_step + 1, args.steps + 1):
         started = time.perf_counter()
         totals = torch.zeros(len(LOSS_NAMES) + 3, device=device)  # losses, samples, tokens, skipped
@@ -290,11 +292,21 @@ def main(argv=None):
         run_log.write(record)
         progress.update(1)
         progress.set_postfix(loss=f"{losses[0]:.3f}")
-        if step % args.save_interval == 0 or step == args.steps:
-            save_checkpoint(engine, checkpoint_dir, step, client_state, args.keep_checkpoints)
+        saved = step % args.save_interval == 0 or step == args.steps
+        if saved:
+            checkpoints.save(engine, step, client_state)
+        if stop.agreed(device):
+            if not saved:
+                checkpoints.save(engine, step, client_state)
+            stopped = True
+            break
 
     progress.close()
     run_log.close()
+    if stopped:
+        logger.warning("stopped on %s after step %d with its checkpoint written; exiting %d for a requeue",
+                       stop.signal_name or "a signal to another rank", step, EXIT_REQUEUE)
+        sys.exit(EXIT_REQUEUE)
     peak = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op=dist.ReduceOp.MAX).item()
     timed = step_times[min(5, len(step_times) - 1):] if step_times else [float("nan")]
     summary = {"steps": args.steps, "world_size": world_size, "expert_parallel_size": ep_size,

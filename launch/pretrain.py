@@ -1,10 +1,13 @@
-"""Entry point: deepspeed [--num_gpus N] launch/pretrain.py --deepspeed_config ds_configs/zero3.json [...]"""
+"""Entry point: deepspeed [--num_gpus N] launch/pretrain.py --deepspeed_config ds_configs/zero3.json [...]
+(or one srun task per GPU: launch/slurm/pretrain.sbatch)."""
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.pretrain import main  # noqa: E402
+from eve_ds.cluster import StopRequest  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    stop = StopRequest()  # before torch is imported: a signal during start-up is recorded, not fatal
+    from eve_ds.pretrain import main
+    main(stop=stop)

@@ -36,7 +36,8 @@ def released_forward(w, config, images=None, text_ids=None, text_padding_mask=No
     parts, keep = [], []
     if images is not None:
         patches = F.conv2d(images, w["patch_embed.weight"], w["patch_embed.bias"], stride=config.patch_size)
-        image = torch.cat([w["class_embedding_vision"].expand(len(images), 1, -1), patches.flatten(2).transpose(1, 2)], 1)
+        cls = w["class_embedding_vision"].expand(len(images), 1, -1)
+        image = torch.cat([cls, patches.flatten(2).transpose(1, 2)], 1)
         parts.append(image + w["pos_embed_vision"] + w["type_embed_vision"])
         keep.append(torch.ones(image.shape[:2], dtype=torch.bool))
     if text_ids is not None:

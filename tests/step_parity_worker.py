@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.engine import initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.engine import init_distributed, initialize, load_deepspeed_config  # noqa: E402
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.pretrain import step_seed  # noqa: E402
@@ -26,7 +26,7 @@ def main():
     parser.add_argument("--checkpoint-dir", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, PARITY_CONFIG.num_experts, 1)
     ep_size = parallelism.expert_parallel_size

@@ -10,6 +10,7 @@ import torch
 from eve_ds.checkpoint import CheckpointError, consolidate, load_pretrained
 from eve_ds.checkpoint import pretrained
 from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.manifest import MANIFEST
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO, launch_pretrain, small_ds_config
@@ -29,6 +30,11 @@ def run(request, tmp_path_factory):
 
 def consolidate_cli(*args):
     return subprocess.run([sys.executable, str(REPO / "tools" / "consolidate.py"), *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def reshard_cli(*args):
+    return subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), *map(str, args)],
                           capture_output=True, text=True)
 
 
@@ -72,14 +78,46 @@ def test_checkpoints_from_before_the_routing_switch_load_as_router_only(run, tmp
     assert all(not moe.routing_embedding_to_experts for moe in EVE.from_pretrained(tmp_path / "out").moe_layers())
 
 
-def damaged_copy(run, tmp_path):
+def damaged_copy(run, tmp_path, manifests=False):
+    """A copy of the run's checkpoints to damage; without manifests it is a checkpoint as written before
+    they existed, whose files the readers themselves must check."""
     copy = tmp_path / "damaged"
     shutil.copytree(run, copy)
+    if not manifests:
+        for manifest in copy.glob(f"*/{MANIFEST}"):
+            manifest.unlink()
     return copy, copy / (copy / "latest").read_text().strip()
+
+
+def test_checkpoints_that_do_not_verify_against_their_manifest_are_refused(run, tmp_path):
+    result = consolidate_cli(run, tmp_path / "good")
+    assert result.returncode == 0 and "note" not in result.stdout  # a complete checkpoint verifies, silently
+    checkpoints, tag_dir = damaged_copy(run, tmp_path, manifests=True)
+    victim = next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[:1000])
+    for tool in (consolidate_cli, reshard_cli):
+        result = tool(checkpoints, tmp_path / "out")
+        assert result.returncode == 2 and f"{victim}: 1000 bytes, the manifest says {len(intact)}" in result.stderr
+    victim.write_bytes(intact[:-1] + bytes([intact[-1] ^ 1]))  # same size, one bit flipped
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 2 and f"{victim}: SHA-256 differs from the manifest" in result.stderr
+    victim.unlink()
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 2 and f"{victim}: missing" in result.stderr
+    (tag_dir / MANIFEST).unlink()  # a save that did not finish, beside complete checkpoints
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 2 and "incomplete (no manifest" in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = consolidate_cli(checkpoints, tmp_path / "out", "--tag", "step_00000002")  # an older one still works
+    assert result.returncode == 0, result.stderr
 
 
 def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
     checkpoints, tag_dir = damaged_copy(run, tmp_path)
+    result = consolidate_cli(checkpoints, tmp_path / "out")
+    assert result.returncode == 0 and "written before checkpoints had manifests" in result.stdout
+    shutil.rmtree(tmp_path / "out")
     victim = next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     victim.write_bytes(victim.read_bytes()[:1000])  # truncated
     result = consolidate_cli(checkpoints, tmp_path / "out")

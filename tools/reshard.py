@@ -33,6 +33,8 @@ def main(argv=None):
         save_universal(args.out, checkpoint)
     except CheckpointError as error:
         parser.exit(2, f"reshard: {error}\n")
+    for note in checkpoint.notes:
+        print(f"note: {note}")
     print(f"resharded {checkpoint.source} (ZeRO-{checkpoint.zero_stage}, step {checkpoint.step}) -> {args.out} in "
           f"{time.perf_counter() - started:.1f} s; resume with --resume-from {args.out}")
 

@@ -22,6 +22,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from eve_ds.checkpoint.manifest import is_complete, tags_newest_first, verify_share
 from eve_ds.checkpoint.pretrained import state_dict_mismatch
 from eve_ds.config import EVEConfig
 from eve_ds.model.moe import LOCAL_EXPERT_KEY, ExpertPlacement
@@ -81,6 +82,20 @@ def resolve_tag_dir(checkpoint_dir, tag=None) -> Path:
     if not tag_dir.is_dir():
         raise CheckpointError(f"{tag_dir}: checkpoint tag '{tag}' does not exist")
     return tag_dir
+
+
+def _verify(tag_dir: Path) -> list:
+    """Raises CheckpointError, naming the file, unless the checkpoint's files match its manifest; returns a
+    note for a checkpoint written before manifests existed."""
+    if is_complete(tag_dir):
+        problems = verify_share(tag_dir)
+        if problems:
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise CheckpointError(f"{problems[0]}{more}: the checkpoint does not verify against its manifest")
+        return []
+    if any(is_complete(other) for other in tags_newest_first(tag_dir.parent)):
+        raise CheckpointError(f"{tag_dir}: incomplete (no manifest: its save did not finish)")
+    return [f"{tag_dir} was written before checkpoints had manifests: its files are not verified"]
 
 
 def saved_model_config(checkpoint_dir, tag=None) -> EVEConfig:
@@ -220,6 +235,7 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
     """Full weights of a checkpoint under global names; with ``optimizer_state`` also the full AdamW moments
     (ZeRO 1-3), which resharding needs and fine-tuning does not."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
+    notes = _verify(tag_dir)
     if (tag_dir / RANK_MODEL_STATES.format(rank=0)).is_file():
         state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, True, optimizer_state)
     elif (tag_dir / RANK_OPTIM_STATES.format(rank=0)).is_file():
@@ -230,8 +246,8 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
         raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)}, "
                               f"{RANK_OPTIM_STATES.format(rank=0)} nor {DENSE_STATES}")
     _check_complete(state_dict, config, tag_dir)
-    notes = ["ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights"] \
-        if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()) else []
+    if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()):
+        notes.append("ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights")
     client_keys = ("model_config", "masking", "seed", "step")
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
                                   tag_dir, {key: states[key] for key in client_keys if key in states},

@@ -102,7 +102,8 @@ class ModalityAwareMoE(nn.Module):
     attributes and ``set_deepspeed_parallelism`` hook the DeepSpeed engine expects of an MoE layer.
     """
 
-    def __init__(self, hidden_size: int, expert: nn.Module, placement: ExpertPlacement, k: int = 2, capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
+    def __init__(self, hidden_size: int, expert: nn.Module, placement: ExpertPlacement, k: int = 2,
+                 capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
                  init_std: float = 0.02, routing_embedding_to_experts: bool = True):
         nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
         num_experts, ep_size = placement.num_experts, placement.ep_size
@@ -110,7 +111,8 @@ class ModalityAwareMoE(nn.Module):
         self.num_local_experts = placement.num_local_experts
         self.expert_group_name = f"ep_size_{ep_size}"
         self.routing_embedding_to_experts = routing_embedding_to_experts
-        gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, k=k, capacity_factor=capacity_factor,
+        gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, k=k,
+                                 capacity_factor=capacity_factor,
                                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
         experts = Experts(expert, self.num_local_experts, self.expert_group_name)
