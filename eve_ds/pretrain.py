@@ -20,18 +20,21 @@ from tqdm import tqdm
 
 from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.training import RunCheckpoints
-from eve_ds.cluster import EXIT_REQUEUE, StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
+from eve_ds.cluster import EXIT_REQUEUE, StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
 from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
+from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
 from eve_ds.model.moe import TEXT, VISION, ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
+from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
+COUNT_NAMES = ("samples", "tokens", "skipped", "flops")  # summed over micro-batches and ranks
 
 
 def parse_args(argv=None):
@@ -60,6 +63,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume-from", default=None,
                         help="continue from a universal checkpoint folder (tools/reshard.py), at any world size, "
                              "expert-parallel size and ZeRO stage")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
+                        help="a device's peak TFLOP/s, for the logged MFU (default: H100, dense bf16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
     parser.add_argument("--image-mask-ratio", type=float, default=MaskingConfig.image_mask_ratio)
@@ -147,15 +152,20 @@ class RunLog:
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
         for layer, load in record.get("expert_load", {}).items():
-            for modality, fractions in load.items():
-                for expert, fraction in enumerate(fractions):
-                    self.writer.add_scalar(f"expert_load/{layer}/{modality}/expert_{expert}", fraction,
-                                           record["step"])
+            self.writer.add_image(f"expert_load/{layer}", expert_load_picture(load), record["step"])
 
     def close(self):
         if self.active:
             self.metrics.close()
             self.writer.close()
+
+
+def expert_load_picture(load: dict, cell: int = 8) -> torch.Tensor:
+    """One MoE layer's load as a [1, H, W] grey picture: a row of cells per modality (vision above text), a
+    column per expert, white for the most loaded; collapse or specialisation shows at a glance."""
+    fractions = torch.tensor([load["vision"], load["text"]])
+    picture = fractions / fractions.max().clamp(min=1e-9)
+    return picture.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
 
 
 def expert_load_fractions(model) -> tuple:
@@ -252,11 +262,15 @@ def main(argv=None, stop: StopRequest = None):
     step_times, stopped = [], False
     for step in range(start_step + 1, args.steps + 1):
         started = time.perf_counter()
-        totals = torch.zeros(len(LOSS_NAMES) + 3, device=device)  # losses, samples, tokens, skipped
+        totals = torch.zeros(len(LOSS_NAMES) + len(COUNT_NAMES), device=device, dtype=torch.float64)
         loads = None
         for micro_step in range(accumulation):
             batch = next(batches)
             skipped = batch.pop("skipped")
+            size, text_len = batch["text_ids"].shape
+            micro_counts = [size, batch["text_padding_mask"].sum() + size * config.num_image_tokens, skipped.sum(),
+                      size * training_flops(config, config.num_image_tokens, text_len, batch["image_mask"].sum() / size,
+                                            (batch["text_labels"] != IGNORE_INDEX).sum() / size)]
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             if engine.bfloat16_enabled():
                 batch["images"] = batch["images"].bfloat16()
@@ -265,20 +279,23 @@ def main(argv=None, stop: StopRequest = None):
             engine.backward(outputs["loss"])
             engine.step()
             totals[:len(LOSS_NAMES)] += torch.stack([outputs[name].detach().float() for name in LOSS_NAMES]) / accumulation
-            totals[-3] += batch["images"].shape[0]
-            totals[-2] += batch["text_padding_mask"].sum() + batch["images"].shape[0] * config.num_image_tokens
-            totals[-1] += skipped.sum()
+            totals[len(LOSS_NAMES):] += torch.tensor([float(count) for count in micro_counts], device=device,
+                                                     dtype=torch.float64)
             micro_loads = expert_load_fractions(engine.module)
             loads = micro_loads if loads is None else tuple(a + b for a, b in zip(loads, micro_loads))
         totals = all_reduce(totals)
         step_time = time.perf_counter() - started
         step_times.append(step_time)
         losses = (totals[:len(LOSS_NAMES)] / world_size).tolist()
-        skipped_images += int(totals[-1])
+        step_counts = dict(zip(COUNT_NAMES, totals[len(LOSS_NAMES):].tolist()))
+        skipped_images += int(step_counts["skipped"])
         grad_norm = engine.get_global_grad_norm()
+        tflops_per_rank = step_counts["flops"] / step_time / world_size / 1e12
         record = {"step": step, **dict(zip(LOSS_NAMES, losses)), "lr": engine.get_lr()[0],
                   "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "samples_per_s": float(totals[-3]) / step_time, "tokens_per_s": float(totals[-2]) / step_time,
+                  "samples_per_s": step_counts["samples"] / step_time,
+                  "tokens_per_s": step_counts["tokens"] / step_time,
+                  "tflops_per_rank": tflops_per_rank, "mfu": tflops_per_rank / args.peak_tflops,
                   "step_time_s": step_time, "skipped_images": skipped_images}
         if step % args.log_interval == 0 or step == args.steps:
             loads = [all_reduce(load) for load in loads]
@@ -287,7 +304,8 @@ def main(argv=None, stop: StopRequest = None):
                 progress.write(f"step {step}/{args.steps}  loss {losses[0]:.4f}  image {losses[1]:.4f}  "
                                f"text {losses[2]:.4f}  aux {losses[3]:.4f}  lr {record['lr']:.2e}  "
                                f"grad_norm {record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
-                               f"{record['tokens_per_s']:.0f} tokens/s  {step_time:.3f} s/step  "
+                               f"{record['tokens_per_s']:.0f} tokens/s  {tflops_per_rank:.3g} TFLOP/s per rank  "
+                               f"MFU {100 * record['mfu']:.2g}%  {step_time:.3f} s/step  "
                                f"skipped images {skipped_images}")
         run_log.write(record)
         progress.update(1)

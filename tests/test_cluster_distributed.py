@@ -144,11 +144,11 @@ def test_damaged_checkpoint_file_is_named_and_fallen_back_from(uninterrupted, tm
 def test_sigterm_during_start_up_stops_after_the_first_step(uninterrupted, tmp_path):
     run_dir = tmp_path / "run"
     job = SlurmJob(tmp_path, run_dir)
-    deadline = time.monotonic() + 60
-    while not (job.groups.exists() and len(job.groups.read_text().split()) == 2) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(2.0)  # the tasks are importing torch and DeepSpeed, long before their first step
-    assert not (run_dir / "metrics.jsonl").exists()
+    log = run_dir / "logs" / "777" / "rank-0.restart-0.log"
+    deadline = time.monotonic() + 120
+    # Rank 0 has imported torch and is about to set up torch.distributed: seconds before its first step.
+    while not (log.exists() and "srun task 0 of 2" in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
     job.signal_tasks(signal.SIGTERM)
     status, output, calls = job.wait()
     assert status == EXIT_REQUEUE, output + job.rank_log(0)[-3000:]

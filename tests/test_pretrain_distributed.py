@@ -2,8 +2,12 @@
 import shutil
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from tests.conftest import launch_pretrain, read_metrics, small_ds_config
+from eve_ds.config import preset
+from eve_ds.data import TextTokenizer
+from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
+from tests.conftest import SHAPES, launch_pretrain, read_metrics, small_ds_config
 
 pytestmark = pytest.mark.distributed
 LOSSES = ("loss", "image_loss", "text_loss", "aux_loss")
@@ -25,6 +29,13 @@ def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest
     # Unreadable images are replaced by readable ones and counted.
     assert parallel[-1]["skipped_images"] > 0
     assert "2 malformed lines skipped" in log
+    # Throughput: activated FLOPs of the step over its time, per rank, and their fraction of the peak.
+    flops = parallel[-1]["tflops_per_rank"] * 1e12 * parallel[-1]["step_time_s"] * 2
+    config = preset("eve-tiny").replace(vocab_size=TextTokenizer(SHAPES / "tokenizer.json", 40).vocab_size)
+    assert flops == pytest.approx(8 * training_flops(config, 37, 40, 27, 12.5), rel=0.02)  # 8 samples a step
+    assert parallel[-1]["mfu"] == pytest.approx(parallel[-1]["tflops_per_rank"] / H100_BF16_DENSE_TFLOPS)
+    images = EventAccumulator(str(tmp_path / "ep2" / "tensorboard")).Reload().Tags()["images"]
+    assert sorted(images) == ["expert_load/layer_2", "expert_load/layer_3"]
     load = parallel[-1]["expert_load"]
     assert set(load) == {"layer_2", "layer_3"}
     for layer in load.values():

@@ -1,0 +1,187 @@
+"""Speed of an EVE pre-training step: time, throughput, activated TFLOP/s, MFU, memory, and where the time goes.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/step.py --model eve-tiny \\
+        --deepspeed_config ds_configs/zero2_ep.json [--routing both] [--micro-batch 8] [--warmup 3 --steps 10]
+
+Runs ``--warmup`` untimed and ``--steps`` timed steps of the preset on synthetic batches (random pixels, text
+of 60% real tokens, the pre-training masks) on the device at hand, with the model's own routing and/or with
+routing forced to balance (every token to experts i and i+1 mod E, so each expert gets exactly its share, as
+published MoE figures measure). Then one profiled step splits the time between attention, multiway FFNs, the
+MoE layer (gate; experts; dispatch, combine and all-to-all), the backward pass and the optimizer step.
+TFLOP/s count the activated FLOPs of eve_ds/flops.py; MFU is against ``--peak-tflops`` per rank.
+"""
+import argparse
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.experts import Experts
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eve_ds.config import preset  # noqa: E402
+from eve_ds.engine import init_distributed, initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops  # noqa: E402
+from eve_ds.model.eve import Attention, MultiwayFFN  # noqa: E402
+from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, ModalityAwareMoE  # noqa: E402
+from eve_ds.objectives import MaskedSignalModeling, MaskingConfig  # noqa: E402
+from eve_ds.objectives.masking import IGNORE_INDEX  # noqa: E402
+
+PARTS = {Attention: "attention", MultiwayFFN: "multiway FFN", ModalityAwareMoE: "MoE layer",
+         ModalityAwareGate: "MoE gate", Experts: "MoE experts"}
+
+
+def synthetic_batch(config, size: int, device, generator) -> dict:
+    masking = MaskingConfig()
+    text_len, real = config.max_text_len, int(0.6 * config.max_text_len)
+    text_ids = torch.randint(5, config.vocab_size, (size, text_len), generator=generator)
+    padding = torch.arange(text_len).expand(size, -1) < real
+    chosen = (torch.rand(size, text_len, generator=generator) < masking.text_mask_ratio) & padding
+    image_mask = torch.rand(size, config.num_patches, generator=generator).argsort(1) < \
+        round(masking.image_mask_ratio * config.num_patches)
+    return {"images": torch.rand(size, 3, config.image_size, config.image_size, generator=generator).to(device) * 2 - 1,
+            "image_mask": image_mask.to(device), "text_ids": text_ids.to(device),
+            "text_labels": torch.where(chosen, text_ids, IGNORE_INDEX).to(device), "text_padding_mask": padding.to(device)}
+
+
+def force_balanced_routing(model) -> list:
+    """Router logits that send token t to experts t mod E (first) and t + 1 mod E (second), whatever the
+    input; returns the hook handles."""
+    def balanced(linear, inputs, logits):
+        experts = logits.shape[-1]
+        token = torch.arange(logits.shape[0], device=logits.device)
+        forced = torch.zeros_like(logits)
+        forced[token, token % experts] = 20.0
+        forced[token, (token + 1) % experts] = 10.0
+        return forced
+    return [moe.gate.wg.register_forward_hook(balanced) for moe in model.encoder.moe_layers()]
+
+
+def label_parts(model) -> list:
+    """Forward hooks that wrap each part's forward in a profiler range named after it."""
+    handles = []
+    for module in model.modules():
+        name = next((label for kind, label in PARTS.items() if isinstance(module, kind)), None)
+        if name is None:
+            continue
+        stack = []
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args, name=name, stack=stack: stack.append(torch.profiler.record_function(name).__enter__())))
+        handles.append(module.register_forward_hook(
+            lambda m, args, output, stack=stack: stack.pop().__exit__(None, None, None)))
+    return handles
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run(engine, config, batches, args, device, routing: str) -> dict:
+    handles = force_balanced_routing(engine.module) if routing == "balanced" else []
+    step_flops = sum(training_flops(config, config.num_image_tokens, config.max_text_len,
+                                    float(b["image_mask"].sum()) / len(b["images"]),
+                                    float((b["text_labels"] != IGNORE_INDEX).sum()) / len(b["images"])) * len(b["images"])
+                     for b in batches[:1])
+    times = []
+    for step in range(args.warmup + args.steps):
+        synchronize(device)
+        started = time.perf_counter()
+        outputs = engine(**batches[step % len(batches)])
+        engine.backward(outputs["loss"])
+        engine.step()
+        synchronize(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    split = profile_step(engine, batches[0], device)
+    for handle in handles:
+        handle.remove()
+    median = statistics.median(times)
+    tflops = step_flops / median / 1e12
+    return {"routing": routing, "median": median, "spread": (max(times) - min(times)) / median,
+            "samples": args.micro_batch / median, "tokens": args.micro_batch * (config.num_image_tokens + int(
+                0.6 * config.max_text_len)) / median, "tflops": tflops, "mfu": tflops / args.peak_tflops, "split": split}
+
+
+def profile_step(engine, batch, device) -> dict:
+    """Seconds of one step spent in each part (forward ranges, then backward and optimizer as wholes)."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + \
+        ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    handles = label_parts(engine.module)
+    with torch.profiler.profile(activities=activities) as profiler:
+        with torch.profiler.record_function("forward"):
+            outputs = engine(**batch)
+        with torch.profiler.record_function("backward"):
+            engine.backward(outputs["loss"])
+        with torch.profiler.record_function("optimizer step"):
+            engine.step()
+        synchronize(device)
+    for handle in handles:
+        handle.remove()
+    field = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    totals = {event.key: getattr(event, field) / 1e6 for event in profiler.key_averages()
+              if event.key in set(PARTS.values()) | {"forward", "backward", "optimizer step"}}
+    moe = totals.get("MoE layer", 0.0)
+    totals["MoE dispatch, combine, all-to-all"] = moe - totals.get("MoE gate", 0.0) - totals.get("MoE experts", 0.0)
+    return totals
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="eve-tiny")
+    parser.add_argument("--deepspeed_config", default="ds_configs/zero2_ep.json")
+    parser.add_argument("--micro-batch", type=int, default=None, help="per rank (default: the config's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--routing", choices=("real", "balanced", "both"), default="both")
+    parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    init_distributed()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    config = preset(args.model)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts,
+                                                   args.warmup + args.steps + 1)
+    if args.micro_batch:
+        ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
+        ds_config["train_batch_size"] = args.micro_batch * ds_config["gradient_accumulation_steps"] * world_size
+    args.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+    placement = ExpertPlacement.of_global_rank(rank, config.num_experts, parallelism.expert_parallel_size)
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config, placement)
+    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
+    engine, _ = initialize(model, ds_config, placement)
+    device = engine.device
+    generator = torch.Generator().manual_seed(rank)
+    batches = [synthetic_batch(config, args.micro_batch, device, generator) for _ in range(2)]
+    if engine.bfloat16_enabled():
+        for batch in batches:
+            batch["images"] = batch["images"].bfloat16()
+    routings = ("real", "balanced") if args.routing == "both" else (args.routing, )
+    results = [run(engine, config, batches, args, device, routing) for routing in routings]
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    if rank != 0:
+        return
+    print(f"\n{args.model}, {Path(args.deepspeed_config).name}, {world_size} ranks ({device.type}), micro batch "
+          f"{args.micro_batch} per rank, torch {torch.__version__}; per rank:")
+    print("| routing | step (median) | spread | samples/s | tokens/s | TFLOP/s | MFU | peak memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in results:
+        print(f"| {r['routing']} | {r['median'] * 1e3:.1f} ms | {100 * r['spread']:.0f}% | {r['samples']:.1f} | "
+              f"{r['tokens']:.0f} | {r['tflops']:.3g} | {100 * r['mfu']:.2g}% | {peak:.2f} GiB |")
+    parts = ["attention", "multiway FFN", "MoE gate", "MoE experts", "MoE dispatch, combine, all-to-all", "forward",
+             "backward", "optimizer step"]
+    print("\nOne profiled step, seconds (the forward parts are inside 'forward'):")
+    print("| routing | " + " | ".join(parts) + " |")
+    print("| --- " * (len(parts) + 1) + "|")
+    for r in results:
+        print(f"| {r['routing']} | " + " | ".join(f"{r['split'].get(part, 0.0):.3f}" for part in parts) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Activated FLOPs of an EVE pre-training step, for TFLOP/s and MFU.
+
+Counted, for one sample of ``image_tokens`` (class + patches) and ``text_tokens`` (the padded length: every
+position is computed), N = image_tokens + text_tokens, width d, FFN width f, E experts, top-k:
+
+- patch projection: 2 · patches · (3 · patch²) · d (a matmul; token-embedding lookups are not counted)
+- per layer, attention: 2 · N · d · 3d (qkv) + 2 · N · d · d (output) + 2 · N² · d (scores) + 2 · N² · d (values)
+- per multiway layer: 2 · N · 2df (each token passes one of the two FFNs)
+- per MoE layer: 2 · N · dE (router) + k · 2 · N · 2df (the k experts a token is routed to, as if none is
+  dropped: capacity drops and empty capacity slots are not counted)
+- heads: 2 · masked_patches · d · (3 · patch²) + 2 · masked_text · d · V (applied to masked positions only)
+
+Backward costs twice the forward: a training step is 3x the forward FLOPs. Recomputation by activation
+checkpointing is not counted (these are model FLOPs, as in Megatron's MFU). Biases, norms, activations and
+softmax are left out (a few per mille).
+"""
+from eve_ds.config import EVEConfig
+
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+def forward_flops(config: EVEConfig, image_tokens: int, text_tokens: int, masked_patches: float = 0.0,
+                  masked_text: float = 0.0, with_heads: bool = True) -> float:
+    """Activated forward FLOPs of one sample (masked counts may be averages, hence floats)."""
+    d, f, pixels = config.hidden_size, config.ffn_hidden_size, config.in_channels * config.patch_size**2
+    tokens = image_tokens + text_tokens
+    flops = 2.0 * (image_tokens - 1) * pixels * d if image_tokens else 0.0
+    attention = 2.0 * tokens * d * 4 * d + 4.0 * tokens * tokens * d
+    feed_forward = 2.0 * tokens * 2 * d * f
+    router = 2.0 * tokens * d * config.num_experts
+    num_moe = len(config.moe_layers)
+    flops += config.num_layers * attention + (config.num_layers - num_moe) * feed_forward
+    flops += num_moe * (router + config.top_k * feed_forward)
+    if with_heads:
+        flops += 2.0 * masked_patches * d * pixels + 2.0 * masked_text * d * config.vocab_size
+    return flops
+
+
+def training_flops(config: EVEConfig, image_tokens: int, text_tokens: int, masked_patches: float = 0.0,
+                   masked_text: float = 0.0) -> float:
+    """Activated FLOPs of forward and backward for one sample."""
+    return 3.0 * forward_flops(config, image_tokens, text_tokens, masked_patches, masked_text)
