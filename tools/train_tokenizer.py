@@ -1,8 +1,11 @@
-"""Train a BPE tokenizer on the captions of one or more JSONL manifests.
+"""Train a BPE tokenizer on the captions of JSONL manifests or tar shard sets.
 
 Each manifest line is a JSON object with a string "caption"; lines that are
-not valid JSON or have no string caption are skipped and counted. Manifests
-are read line by line, so large ones are fine.
+not valid JSON or have no string caption are skipped and counted. A shard set
+is a brace pattern (cc3m/{00000..00331}.tar), a folder of .tar files or one
+file; every caption of a sample counts (tools/make_shards.py keeps several).
+Both are streamed, so large ones are fine. The vocabulary has 64,000 tokens
+by default, as EVE's.
 
 The saved tokenizer lowercases and strips accents, splits on whitespace and
 punctuation (marking word starts with "▁" so decoding restores spaces), and
@@ -11,28 +14,47 @@ fixed: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4. Padding and truncation
 are left off; the data loader handles them. Training is deterministic.
 
 Usage:
-    python tools/train_tokenizer.py data/shapes/manifest.jsonl --out data/shapes/tokenizer.json
+    python tools/train_tokenizer.py data/shapes/manifest.jsonl --out data/shapes/tokenizer.json --vocab-size 1000
+    python tools/train_tokenizer.py "/data/cc3m/{00000..00331}.tar" --out /data/eve_tokenizer.json
 """
 import argparse
 import json
+import sys
+from collections import Counter
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from eve_ds.data.shards import captions_of, expand_pattern, iter_shard  # noqa: E402
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-class CaptionReader:
-    """Iterates over the captions of the manifests and counts skipped lines."""
+def is_manifest(source: str) -> bool:
+    return source.endswith((".jsonl", ".json"))
 
-    def __init__(self, manifest_paths):
-        self.manifest_paths = manifest_paths
+
+class CaptionReader:
+    """Iterates over the captions of manifests and shard sets and counts what it skipped."""
+
+    def __init__(self, sources):
+        self.sources = sources
         self.captions_read = 0
         self.lines_skipped = 0
+        self.shard_problems = Counter()
 
     def __iter__(self):
-        for path in self.manifest_paths:
-            with open(path, encoding="utf-8", errors="replace") as manifest:
+        for source in self.sources:
+            if not is_manifest(source):
+                for shard in expand_pattern(source):
+                    for _, files in iter_shard(shard, self.shard_problems):
+                        for caption in captions_of(files, self.shard_problems):
+                            self.captions_read += 1
+                            yield caption
+                continue
+            with open(source, encoding="utf-8", errors="replace") as manifest:
                 for line in manifest:
                     if not line.strip():
                         continue
@@ -65,24 +87,27 @@ def build_tokenizer():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("manifests", nargs="+", type=Path, help="JSONL manifest files")
+    parser.add_argument("sources", nargs="+", help="JSONL manifests or shard sets (brace pattern, folder, .tar)")
     parser.add_argument("--out", type=Path, required=True, help="path of the tokenizer.json to write")
-    parser.add_argument("--vocab-size", type=int, default=1000)
+    parser.add_argument("--vocab-size", type=int, default=64000)
     parser.add_argument("--min-frequency", type=int, default=2)
     args = parser.parse_args()
 
-    for path in args.manifests:
-        if not path.is_file():
-            raise SystemExit(f"Manifest not found: {path}")
+    for source in args.sources:
+        missing = [path for path in ([Path(source)] if is_manifest(source) else expand_pattern(source))
+                   if not path.is_file()]
+        if missing:
+            raise SystemExit(f"Not found: {', '.join(map(str, missing[:5]))}")
 
     tokenizer = build_tokenizer()
     trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=args.min_frequency,
                                   special_tokens=SPECIAL_TOKENS, show_progress=False)
-    reader = CaptionReader(args.manifests)
+    reader = CaptionReader(args.sources)
     tokenizer.train_from_iterator(reader, trainer=trainer)
-    print(f"read {reader.captions_read} captions, skipped {reader.lines_skipped} malformed lines")
+    print(f"read {reader.captions_read} captions, skipped {reader.lines_skipped} malformed lines"
+          + (f"; in shards: {dict(reader.shard_problems)}" if reader.shard_problems else ""))
     if reader.captions_read == 0:
-        raise SystemExit("No captions found in the given manifests.")
+        raise SystemExit("No captions found in the given sources.")
 
     # Special tokens are added first by the trainer; check rather than assume their ids.
     for expected_id, token in enumerate(SPECIAL_TOKENS):
