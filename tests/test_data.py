@@ -3,11 +3,12 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from eve_ds.data.dataset import ImageTextDataset, ResumableShardSampler, load_image
+from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, ImageTextDataset, ResumableShardSampler, load_image
 from eve_ds.data.manifest import ImageTextRecord, ManifestError, read_manifest
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import IGNORE_INDEX, MaskingConfig
@@ -285,6 +286,36 @@ def test_load_image_shape_and_range():
     with Image.open(SHAPES / "images" / "000000.png") as raw:
         corner = raw.convert("RGB").resize((48, 48), Image.Resampling.BICUBIC).getpixel((0, 0))
     assert torch.allclose(image[:, 0, 0], torch.tensor(corner, dtype=torch.float32) / 127.5 - 1.0)
+
+
+def one_colour(image_size, mode, value, **save):
+    return lambda path: Image.new(mode, (image_size, image_size), value).save(path, **save)
+
+
+@pytest.mark.parametrize("name, write, expected", [
+    ("grey16.png", lambda p: Image.fromarray(np.full((20, 20), 32896, dtype=np.uint16)).save(p), (128, 128, 128)),
+    ("grey.png", one_colour(20, "L", 200), (200, 200, 200)),
+    ("cmyk.jpg", one_colour(20, "CMYK", (0, 0, 0, 0)), (255, 255, 255)),
+    ("palette.png", lambda p: Image.new("RGB", (20, 20), (0, 0, 255)).convert("P").save(p), (0, 0, 255)),
+    ("clear.png", one_colour(20, "RGBA", (255, 0, 0, 0)), (255, 255, 255)),  # transparent: the white below
+    ("half.png", one_colour(20, "LA", (0, 128)), (127, 127, 127)),
+    ("large.jpg", one_colour(512, "RGB", (10, 200, 30), quality=95), (10, 200, 30)),  # decoded at reduced size
+])
+def test_image_modes_become_rgb_of_the_right_colour(tmp_path, name, write, expected):
+    write(tmp_path / name)
+    image = load_image(tmp_path / name, 8)
+    assert image.shape == (3, 8, 8)
+    colour = ((image[:, 4, 4] + 1.0) * 127.5).round()
+    assert torch.allclose(colour, torch.tensor(expected, dtype=torch.float32), atol=2), colour
+
+
+def test_decompression_bombs_are_unreadable_not_decoded(tmp_path, monkeypatch):
+    Image.new("RGB", (40, 40)).save(tmp_path / "warned.png")  # 1,600 pixels: over the limit, under twice it
+    Image.new("RGB", (64, 64)).save(tmp_path / "refused.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    for name in ("warned.png", "refused.png"):
+        with pytest.raises(UNREADABLE_IMAGE_ERRORS):
+            load_image(tmp_path / name, 8)
 
 
 @pytest.mark.parametrize("style", ["random", "block"])

@@ -1,6 +1,7 @@
 """Map-style image-text dataset producing masked-signal-modeling samples, and a resumable sampler."""
 import logging
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -11,15 +12,32 @@ from eve_ds.objectives.masking import MaskingConfig, block_patch_mask, mask_text
 
 logger = logging.getLogger(__name__)
 
-UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+# Pillow's decompression-bomb warning (more pixels than Image.MAX_IMAGE_PIXELS) is raised as an error here:
+# such an image is skipped, not decoded.
+UNREADABLE_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB: 16- and 32-bit grey scaled down (not clipped to white), transparency laid
+    on white, palette, CMYK and grey converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray((np.clip(grey, 0, 65535) / 257).round().astype(np.uint8), mode="L")
+    if image.mode in ("P", "PA", "LA", "RGBA") and (image.mode != "P" or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
 
 
 def load_image(path, size: int) -> torch.Tensor:
     """RGB image resized to size x size, scaled to [-1, 1], as [3, size, size]. No flips: captions say
-    "left" and "right"."""
-    with Image.open(path) as image:
-        image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
+    "left" and "right". A JPEG larger than the target is decoded at a reduced size."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            image.draft("RGB", (size, size))
+            image = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     return pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
