@@ -22,7 +22,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from eve_ds.checkpoint.manifest import is_complete, tags_newest_first, verify_share
+from eve_ds.checkpoint.manifest import is_complete, predates_manifests, summary, verify_share
 from eve_ds.checkpoint.pretrained import state_dict_mismatch
 from eve_ds.config import EVEConfig
 from eve_ds.model.moe import LOCAL_EXPERT_KEY, ExpertPlacement
@@ -90,10 +90,9 @@ def _verify(tag_dir: Path) -> list:
     if is_complete(tag_dir):
         problems = verify_share(tag_dir)
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise CheckpointError(f"{problems[0]}{more}: the checkpoint does not verify against its manifest")
+            raise CheckpointError(f"{summary(problems)}: the checkpoint does not verify against its manifest")
         return []
-    if any(is_complete(other) for other in tags_newest_first(tag_dir.parent)):
+    if not predates_manifests(tag_dir.parent):
         raise CheckpointError(f"{tag_dir}: incomplete (no manifest: its save did not finish)")
     return [f"{tag_dir} was written before checkpoints had manifests: its files are not verified"]
 

@@ -35,6 +35,17 @@ def is_complete(tag_dir: Path) -> bool:
     return (tag_dir / MANIFEST).is_file()
 
 
+def predates_manifests(checkpoint_dir: Path) -> bool:
+    """Whether a run's checkpoints were written before manifests existed: none of them has one. Otherwise a
+    folder without a manifest is a save that did not finish."""
+    return not any(is_complete(tag) for tag in tags_newest_first(checkpoint_dir))
+
+
+def summary(problems: list) -> str:
+    """The first problem, and how many more there are."""
+    return problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+
+
 def share(names, rank: int, world_size: int) -> list:
     """The files ``rank`` digests: those it wrote itself, then every world_size-th of the others."""
     names = sorted(names)

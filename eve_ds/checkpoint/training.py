@@ -13,8 +13,8 @@ from pathlib import Path
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import CheckpointError
-from eve_ds.checkpoint.manifest import (LATEST, digest_share, is_complete, point_latest, step_tag, tags_newest_first,
-                                        verify_share, write_manifest)
+from eve_ds.checkpoint.manifest import (LATEST, digest_share, is_complete, point_latest, predates_manifests, step_tag,
+                                        summary, tags_newest_first, verify_share, write_manifest)
 
 logger = logging.getLogger(__name__)
 # Fault injection for tests: "RANK:STEP" makes that rank kill itself with SIGKILL in the middle of that
@@ -77,13 +77,14 @@ class RunCheckpoints:
         Damaged or incomplete ones are passed over with a warning naming the bad file. A run whose
         checkpoints predate manifests resumes from ``latest`` unverified, with a warning."""
         tags = tags_newest_first(self.dir)
-        if tags and not any(is_complete(tag) for tag in tags):
+        if tags and predates_manifests(self.dir):
             latest = self.dir / LATEST
-            if latest.is_file():
-                self._warn(f"{self.dir}: its checkpoints were written before manifests existed; resuming from "
-                           f"{latest.read_text().strip()} without verifying it")
-                return self.dir / latest.read_text().strip()
-            return None
+            if not latest.is_file():
+                return None
+            tag = self.dir / latest.read_text().strip()
+            self._warn(f"{self.dir}: its checkpoints were written before manifests existed; resuming from "
+                       f"{tag.name} without verifying it")
+            return tag
         damaged = []
         for tag in tags:
             if not is_complete(tag):
@@ -99,8 +100,7 @@ class RunCheckpoints:
                     logger.info("verified %s against its manifest in %.1f s", tag, time.perf_counter() - started)
                 return tag
             damaged.append(tag)
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            self._warn(f"{tag}: damaged, {problems[0]}{more}; falling back to an earlier checkpoint")
+            self._warn(f"{tag}: damaged, {summary(problems)}; falling back to an earlier checkpoint")
         if damaged:
             raise CheckpointError(f"{self.dir}: no checkpoint verifies against its manifest (damaged: "
                                   f"{', '.join(tag.name for tag in damaged)})")
