@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eve_ds.checkpoint.pretrained import write_atomically  # noqa: E402
 from eve_ds.data.shards import IMAGE_EXTENSIONS, add_sample, read_index, write_index  # noqa: E402
 
 
@@ -49,22 +50,24 @@ def read_lines(manifest: Path, problems: Counter) -> list:
 def write_shard(path: Path, first_key: int, records: list) -> tuple:
     """Writes one shard through a temporary name; returns (samples written, problems)."""
     problems, written = Counter(), 0
-    partial = path.with_name(f".{path.name}.partial")
-    with tarfile.open(partial, "w") as archive:
-        for offset, (image_path, captions) in enumerate(records):
-            extension = Path(image_path).suffix.lower().lstrip(".")
-            try:
-                data = Path(image_path).read_bytes()
-            except OSError:
-                problems["unreadable image"] += 1
-                continue
-            if extension not in IMAGE_EXTENSIONS or not data:
-                problems["unreadable image"] += 1
-                continue
-            add_sample(archive, f"{first_key + offset:09d}", ("jpg" if extension == "jpeg" else extension, data),
-                       captions)
-            written += 1
-    os.replace(partial, path)
+
+    def write(temporary: Path):
+        nonlocal written
+        with tarfile.open(temporary, "w") as archive:
+            for offset, (image_path, captions) in enumerate(records):
+                extension = Path(image_path).suffix.lower().lstrip(".")
+                try:
+                    data = Path(image_path).read_bytes()
+                except OSError:
+                    data = b""
+                if extension not in IMAGE_EXTENSIONS or not data:
+                    problems["unreadable image"] += 1
+                    continue
+                add_sample(archive, f"{first_key + offset:09d}",
+                           ("jpg" if extension == "jpeg" else extension, data), captions)
+                written += 1
+
+    write_atomically(path, write)
     return written, problems
 
 
