@@ -269,8 +269,9 @@ def main(argv=None, stop: StopRequest = None):
             skipped = batch.pop("skipped")
             size, text_len = batch["text_ids"].shape
             micro_counts = [size, batch["text_padding_mask"].sum() + size * config.num_image_tokens, skipped.sum(),
-                      size * training_flops(config, config.num_image_tokens, text_len, batch["image_mask"].sum() / size,
-                                            (batch["text_labels"] != IGNORE_INDEX).sum() / size)]
+                            size * training_flops(config, config.num_image_tokens, text_len,
+                                                  batch["image_mask"].sum() / size,
+                                                  (batch["text_labels"] != IGNORE_INDEX).sum() / size)]
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             if engine.bfloat16_enabled():
                 batch["images"] = batch["images"].bfloat16()
