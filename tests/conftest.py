@@ -12,6 +12,12 @@ REPO = Path(__file__).resolve().parent.parent
 SHAPES = REPO / "data" / "shapes"
 
 
+def run_tool(script: str, *args):
+    """Runs ``tools/<script>`` in a fresh process; returns the completed process (output captured)."""
+    return subprocess.run([sys.executable, str(REPO / "tools" / script), *map(str, args)], capture_output=True,
+                          text=True)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -1,8 +1,7 @@
 """tools/consolidate.py on real checkpoints of short 2-rank pre-training runs, good and damaged."""
 import json
 import shutil
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.manifest import MANIFEST
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
-from tests.conftest import REPO, launch_pretrain, small_ds_config
+from tests.conftest import launch_pretrain, run_tool, small_ds_config
 
 pytestmark = pytest.mark.distributed
 ZERO3 = {"zero_optimization": {"stage": 3}, "eve": {"expert_parallel_size": 2}}
@@ -28,14 +27,8 @@ def run(request, tmp_path_factory):
     return tmp_path / "run" / "checkpoints"
 
 
-def consolidate_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "consolidate.py"), *map(str, args)],
-                          capture_output=True, text=True)
-
-
-def reshard_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), *map(str, args)],
-                          capture_output=True, text=True)
+consolidate_cli = partial(run_tool, "consolidate.py")
+reshard_cli = partial(run_tool, "reshard.py")
 
 
 def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):

@@ -1,7 +1,6 @@
 """The authors' released checkpoint layout: key names, a forward pass written against those names, the
 export -> import round trip, and files that do not fit."""
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
@@ -12,16 +11,14 @@ from eve_ds.checkpoint.released import backbone, from_released, import_released,
 from eve_ds.config import preset
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
-from tests.conftest import REPO
+from tests.conftest import run_tool
 from tests.released_reference import encode_every_mode
 from tests.test_model import batch
 
 CONFIG = preset("eve-tiny").replace(vocab_size=300)
 
 
-def convert_cli(*args):
-    return subprocess.run([sys.executable, str(REPO / "tools" / "convert_released.py"), *map(str, args)],
-                          capture_output=True, text=True)
+convert_cli = partial(run_tool, "convert_released.py")
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,10 @@
 """tools/reshard.py: a checkpoint of one cluster shape resumed at another (real launches, CPU)."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from eve_ds.checkpoint.universal import load_universal
-from tests.conftest import REPO, launch_pretrain, small_ds_config
+from tests.conftest import launch_pretrain, run_tool, small_ds_config
 
 pytestmark = pytest.mark.distributed
 ZERO3_EP2 = small_ds_config(zero_optimization={"stage": 3}, eve={"expert_parallel_size": 2})
@@ -14,8 +12,7 @@ ZERO2_EP1 = small_ds_config(eve={"expert_parallel_size": 1})
 
 
 def reshard(*args):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), *map(str, args)],
-                            capture_output=True, text=True)
+    result = run_tool("reshard.py", *args)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -53,7 +50,6 @@ def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
 
 
 def test_reshard_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "reshard.py"), str(tmp_path), str(tmp_path / "o")],
-                            capture_output=True, text=True)
+    result = run_tool("reshard.py", tmp_path, tmp_path / "o")
     assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr
     assert not (tmp_path / "o").exists()

@@ -10,8 +10,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from eve_ds.data.shards import captions_of, expand_pattern, image_of, iter_shard, read_index
-from tests.conftest import SHAPES
-from tests.test_tools_data import run_tool
+from tests.conftest import SHAPES, run_tool
 
 
 def test_shard_patterns_expand_like_the_shells_braces(tmp_path):

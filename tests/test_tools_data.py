@@ -1,18 +1,10 @@
 """Tests for tools/make_shapes_dataset.py and tools/train_tokenizer.py."""
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 from PIL import Image
 from tokenizers import Tokenizer
 
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
-
-
-def run_tool(script, *args):
-    return subprocess.run([sys.executable, str(TOOLS / script), *map(str, args)],
-                          capture_output=True, text=True)
+from tests.conftest import SHAPES, run_tool
 
 
 def make_dataset(out, count=8, size=96):
@@ -86,7 +78,7 @@ def test_tokenizer_reports_missing_manifest_and_no_captions(tmp_path):
 
 
 def test_shipped_shapes_dataset_is_complete():
-    folder = TOOLS.parent / "data" / "shapes"
+    folder = SHAPES
     lines = (folder / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 512
     for line in lines:
