@@ -10,6 +10,7 @@ import os
 import resource
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import deepspeed
@@ -23,7 +24,8 @@ from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import EXIT_REQUEUE, StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
 from eve_ds.config import ConfigError, EVEConfig, preset
-from eve_ds.data import ImageTextDataset, ResumableShardSampler, TextTokenizer, read_manifest
+from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
+from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
 from eve_ds.model.moe import TEXT, VISION, ExpertPlacement
@@ -33,15 +35,31 @@ from eve_ds.params import parameter_counts
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO_ROOT / "data/shapes/shards/{00000..00003}.tar"
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
-COUNT_NAMES = ("samples", "tokens", "skipped", "flops")  # summed over micro-batches and ranks
+COUNT_NAMES = ("samples", "tokens", "flops", *REASONS)  # summed over micro-batches and ranks
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Pre-train EVE by masked signal modeling with DeepSpeed.")
     parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
-    parser.add_argument("--data", default=str(REPO_ROOT / "data/shapes/manifest.jsonl"), help="JSONL manifest")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: beside the manifest)")
+    parser.add_argument("--data", nargs="+", default=[str(DEFAULT_DATA)], metavar="SOURCE",
+                        help="tar shards (a brace pattern such as 'cc3m/{00000..00331}.tar', a folder or a file, "
+                             "counted by the index.json beside them) or a JSONL manifest; several are mixed by "
+                             "--data-weights")
+    parser.add_argument("--data-weights", nargs="+", type=float, default=None, metavar="WEIGHT",
+                        help="one weight per --data source: the share of samples drawn from it (default: equal)")
+    parser.add_argument("--val-data", default=None, metavar="SOURCE",
+                        help="shards or manifest evaluated every --val-interval steps with fixed masks")
+    parser.add_argument("--val-interval", type=int, default=100)
+    parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                        help="the authors' augmentation: random resized crop (50-100%% of the area) and a horizontal "
+                             "flip unless the caption names left or right")
+    parser.add_argument("--shuffle-block", type=int, default=1000,
+                        help="each reader shuffles its samples in blocks of this many (memory: one block of raw "
+                             "samples per loader worker)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (default: the one beside the first data source, or in the folder above)")
     parser.add_argument("--special-token", action="append", default=[], metavar="ROLE=TOKEN",
                         help="names the tokenizer's token for a role (cls, sep, pad, mask, unk) where its usual "
                              "names do not find it; repeatable")
@@ -78,12 +96,21 @@ def parse_args(argv=None):
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
-    args.tokenizer = Path(args.tokenizer or Path(args.data).parent / "tokenizer.json")
+    args.data_weights = args.data_weights or [1.0] * len(args.data)
+    if len(args.data_weights) != len(args.data):
+        parser.error(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} sources")
+    args.tokenizer = Path(args.tokenizer or default_tokenizer(args.data[0]))
     malformed = [item for item in args.special_token if "=" not in item]
     if malformed:
         parser.error(f"--special-token wants ROLE=TOKEN, got {', '.join(malformed)}")
     args.special_token = dict(item.split("=", 1) for item in args.special_token)
     return args
+
+
+def default_tokenizer(source: str) -> Path:
+    folder = Path(source.removeprefix("file://")).parent
+    beside = folder / "tokenizer.json"
+    return beside if beside.is_file() or not (folder.parent / "tokenizer.json").is_file() else folder.parent / "tokenizer.json"
 
 
 def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
@@ -107,14 +134,31 @@ def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + micro_step) * 10_007 + rank
 
 
-def micro_batches(loader, sampler, dataset, batches_per_epoch: int, micro_batch: int, start: int):
-    """Endless micro-batches, beginning after the ``start`` micro-batches this rank already consumed."""
-    epoch, offset = divmod(start, batches_per_epoch)
-    while True:
-        sampler.set_position(epoch, offset * micro_batch)
-        dataset.set_epoch(epoch)
-        yield from loader
-        epoch, offset = epoch + 1, 0
+def gather(value) -> list:
+    """One picklable object from every rank, in rank order."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
+@torch.no_grad()
+def validate(engine, batches, patch_size: int) -> dict:
+    """Masked image and text losses over the validation set: means over every masked pixel value and every
+    masked token of all ranks, so the grouping into batches and ranks does not change them."""
+    engine.eval()
+    sums = torch.zeros(4, device=engine.device, dtype=torch.float64)  # image loss x count, count, the same for text
+    for batch in batches:
+        image_count = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
+        text_count = (batch["text_labels"] != IGNORE_INDEX).sum()
+        batch = {key: value.to(engine.device) for key, value in batch.items()}
+        if engine.bfloat16_enabled():
+            batch["images"] = batch["images"].bfloat16()
+        outputs = engine(**batch)
+        sums += torch.stack([outputs["image_loss"].double() * image_count, image_count.double(),
+                             outputs["text_loss"].double() * text_count, text_count.double()]).to(sums.device)
+    engine.train()
+    image_sum, image_count, text_sum, text_count = all_reduce(sums).tolist()
+    return {"val_image_loss": image_sum / max(image_count, 1), "val_text_loss": text_sum / max(text_count, 1)}
 
 
 def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -151,6 +195,8 @@ class RunLog:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
                 self.writer.add_scalar(f"train/{key}", value, record["step"])
+        for reason, count in record.get("skipped", {}).items():
+            self.writer.add_scalar(f"skipped/{reason}", count, record["step"])
         for layer, load in record.get("expert_load", {}).items():
             self.writer.add_image(f"expert_load/{layer}", expert_load_picture(load), record["step"])
 
@@ -158,6 +204,11 @@ class RunLog:
         if self.active:
             self.metrics.close()
             self.writer.close()
+
+
+def describe_skipped(problems: Counter) -> str:
+    total = sum(problems.values())
+    return f"{total} ({', '.join(f'{reason} {count}' for reason, count in problems.items() if count)})" if total else "0"
 
 
 def expert_load_picture(load: dict, cell: int = 8) -> torch.Tensor:
@@ -214,16 +265,17 @@ def main(argv=None, stop: StopRequest = None):
     ep_size = parallelism.expert_parallel_size
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
-    records, bad_lines = read_manifest(args.data)
-    logger.info("data: %d image-text pairs from %s (%d malformed lines skipped)", len(records), args.data, bad_lines)
-    dataset = ImageTextDataset(records, tokenizer, config.image_size, config.patch_size, masking, seed=args.seed)
-    sampler = ResumableShardSampler(len(dataset), rank, world_size, seed=args.seed)
-    batches_per_epoch = len(sampler) // micro_batch
-    if batches_per_epoch == 0:
-        raise ConfigError(f"{len(dataset)} samples give no full micro batch of {micro_batch} on each of "
-                          f"{world_size} ranks")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=micro_batch, sampler=sampler, drop_last=True,
-                                         num_workers=args.num_workers, worker_init_fn=ignore_stop_signals)
+    sources = [open_source(spec) for spec in args.data]
+    for source, weight in zip(sources, args.data_weights):
+        logger.info("data: %s, %d samples in %d %s, weight %g", source.name, source.total, len(source.units),
+                    f"lines ({source.malformed_lines} malformed lines skipped)" if source.is_manifest else "shards",
+                    weight)
+    stream = PretrainingStream(sources, args.data_weights,
+                               MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment),
+                               micro_batch, rank, world_size, args.num_workers, args.seed, args.shuffle_block)
+    position = StreamPosition(stream)
+    validation = open_source(args.val_data) if args.val_data else None
+    validation_samples = MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, augment=False)
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)
@@ -242,20 +294,30 @@ def main(argv=None, stop: StopRequest = None):
 
     start_step = 0
     if resume_tag is not None:
-        path, client_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
-        start_step = client_state["step"]
+        path, saved_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
+        start_step = saved_state["step"]
         logger.info("resumed from %s at step %d", path, start_step)
     elif universal is not None:
         restore_optimizer_state(engine, universal, placement.global_name)
-        start_step = universal.step
+        start_step, saved_state = universal.step, universal.client_state
         logger.info("resumed from universal checkpoint %s at step %d", args.resume_from, start_step)
+    if start_step and "data" in saved_state:
+        position.restore(saved_state["data"])
+        if saved_state["data"]["layout"] != stream.describe():
+            logger.warning("the checkpoint's data position is for another layout of readers (%s, now %s): each "
+                           "unfinished slice of the old readers is finished by a new one, then the new layout "
+                           "takes over; no sample is repeated or skipped", saved_state["data"]["layout"],
+                           stream.describe())
+    elif start_step:
+        logger.warning("the checkpoint has no data position (written before eve-ds saved one): the data "
+                       "stream starts from its beginning")
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     run_log = RunLog(args.out, is_main, start_step)
     client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
 
-    batches = micro_batches(loader, sampler, dataset, batches_per_epoch, micro_batch, start_step * accumulation)
-    skipped_images = 0
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
+                                               worker_init_fn=ignore_stop_signals))
     # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
     progress = tqdm(total=args.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                     desc="pre-training", unit="step")
@@ -266,12 +328,13 @@ def main(argv=None, stop: StopRequest = None):
         loads = None
         for micro_step in range(accumulation):
             batch = next(batches)
-            skipped = batch.pop("skipped")
+            skipped = position.consume(batch)
             size, text_len = batch["text_ids"].shape
-            micro_counts = [size, batch["text_padding_mask"].sum() + size * config.num_image_tokens, skipped.sum(),
+            micro_counts = [size, batch["text_padding_mask"].sum() + size * config.num_image_tokens,
                             size * training_flops(config, config.num_image_tokens, text_len,
                                                   batch["image_mask"].sum() / size,
-                                                  (batch["text_labels"] != IGNORE_INDEX).sum() / size)]
+                                                  (batch["text_labels"] != IGNORE_INDEX).sum() / size),
+                            *skipped.values()]
             batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
             if engine.bfloat16_enabled():
                 batch["images"] = batch["images"].bfloat16()
@@ -289,7 +352,7 @@ def main(argv=None, stop: StopRequest = None):
         step_times.append(step_time)
         losses = (totals[:len(LOSS_NAMES)] / world_size).tolist()
         step_counts = dict(zip(COUNT_NAMES, totals[len(LOSS_NAMES):].tolist()))
-        skipped_images += int(step_counts["skipped"])
+        position.problems.update({reason: int(step_counts[reason]) for reason in REASONS if step_counts[reason]})
         grad_norm = engine.get_global_grad_norm()
         tflops_per_rank = step_counts["flops"] / step_time / world_size / 1e12
         record = {"step": step, **dict(zip(LOSS_NAMES, losses)), "lr": engine.get_lr()[0],
@@ -297,7 +360,13 @@ def main(argv=None, stop: StopRequest = None):
                   "samples_per_s": step_counts["samples"] / step_time,
                   "tokens_per_s": step_counts["tokens"] / step_time,
                   "tflops_per_rank": tflops_per_rank, "mfu": tflops_per_rank / args.peak_tflops,
-                  "step_time_s": step_time, "skipped_images": skipped_images}
+                  "step_time_s": step_time, "skipped": {reason: position.problems[reason] for reason in REASONS}}
+        if validation is not None and (step % args.val_interval == 0 or step == args.steps):
+            record.update(validate(engine, validation_batches(validation, validation_samples, rank, world_size,
+                                                              micro_batch, args.seed, Counter()), config.patch_size))
+            if is_main:
+                progress.write(f"step {step}/{args.steps}  validation: image {record['val_image_loss']:.4f}  "
+                               f"text {record['val_text_loss']:.4f}")
         if step % args.log_interval == 0 or step == args.steps:
             loads = [all_reduce(load) for load in loads]
             record["expert_load"] = summarize_expert_load(config.moe_layers, loads)
@@ -307,16 +376,16 @@ def main(argv=None, stop: StopRequest = None):
                                f"grad_norm {record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
                                f"{record['tokens_per_s']:.0f} tokens/s  {tflops_per_rank:.3g} TFLOP/s per rank  "
                                f"MFU {100 * record['mfu']:.2g}%  {step_time:.3f} s/step  "
-                               f"skipped images {skipped_images}")
+                               f"skipped {describe_skipped(position.problems)}")
         run_log.write(record)
         progress.update(1)
         progress.set_postfix(loss=f"{losses[0]:.3f}")
         saved = step % args.save_interval == 0 or step == args.steps
         if saved:
-            checkpoints.save(engine, step, client_state)
+            checkpoints.save(engine, step, {**client_state, "data": position.saved(gather)})
         if stop.agreed(device):
             if not saved:
-                checkpoints.save(engine, step, client_state)
+                checkpoints.save(engine, step, {**client_state, "data": position.saved(gather)})
             stopped = True
             break
 
@@ -330,7 +399,8 @@ def main(argv=None, stop: StopRequest = None):
     timed = step_times[min(5, len(step_times) - 1):] if step_times else [float("nan")]
     summary = {"steps": args.steps, "world_size": world_size, "expert_parallel_size": ep_size,
                "mean_step_time_s": sum(timed) / len(timed), "peak_memory_mb_per_rank": peak,
-               "parameters": counts.total, "activated_parameters": counts.activated}
+               "parameters": counts.total, "activated_parameters": counts.activated,
+               "skipped": dict(position.problems)}
     if is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("done: %s", json.dumps(summary))

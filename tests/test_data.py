@@ -1,6 +1,8 @@
-"""Tests for eve_ds/data: manifest reading, the image-text dataset and its sampler (tokenizer: test_tokenizer.py)."""
+"""Tests for eve_ds/data: manifests, image decoding, augmentation and masked samples (the stream: test_stream.py;
+the tokenizer: test_tokenizer.py)."""
+import io
 import json
-import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, ImageTextDataset, ResumableShardSampler, load_image
+from eve_ds.data.dataset import (UNREADABLE_IMAGE_ERRORS, MaskedSamples, decode_image, load_image, names_left_or_right,
+                                  random_resized_crop_box)
 from eve_ds.data.manifest import ImageTextRecord, ManifestError, read_manifest
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import IGNORE_INDEX, MaskingConfig
@@ -97,7 +100,7 @@ def test_shipped_manifest_reads_fully():
     assert all(record.image_path.is_file() for record in records[:8])
 
 
-# ---------------------------------------------------------------- ImageTextDataset
+# ---------------------------------------------------------------- images and masked samples
 
 IMAGE_SIZE, PATCH_SIZE, MAX_LEN = 48, 8, 40
 NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 36
@@ -106,37 +109,6 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 36
 @pytest.fixture(scope="module")
 def text_tokenizer():
     return TextTokenizer(TOKENIZER, max_len=MAX_LEN)
-
-
-@pytest.fixture
-def broken_records(tmp_path):
-    """[good0, corrupt, truncated, missing, good1, good2, missing]."""
-    good = shipped_records(3)
-    corrupt = tmp_path / "corrupt.png"
-    corrupt.write_bytes(os.urandom(2048))
-    truncated = tmp_path / "truncated.png"
-    png = good[1].image_path.read_bytes()
-    truncated.write_bytes(png[:len(png) // 2])
-    lines = [
-        {"image": str(good[0].image_path), "caption": good[0].caption},
-        {"image": "corrupt.png", "caption": "corrupt image"},
-        {"image": "truncated.png", "caption": "truncated image"},
-        {"image": "missing.png", "caption": "missing image"},
-        {"image": str(good[1].image_path), "caption": good[1].caption},
-        {"image": str(good[2].image_path), "caption": good[2].caption},
-        {"image": "also_missing.png", "caption": "missing at the end"},
-    ]
-    manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    records, skipped = read_manifest(manifest)
-    assert (len(records), skipped) == (7, 0)
-    return records
-
-
-def make_dataset(records, tokenizer, ratio=0.4, style="random", text_ratio=0.5, seed=0):
-    return ImageTextDataset(records, tokenizer, IMAGE_SIZE, PATCH_SIZE,
-                            MaskingConfig(image_mask_ratio=ratio, image_masking=style, text_mask_ratio=text_ratio),
-                            seed=seed)
 
 
 def unmasked_ids(item):
@@ -185,138 +157,63 @@ def test_decompression_bombs_are_unreadable_not_decoded(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("style", ["random", "block"])
 @pytest.mark.parametrize("ratio", [0.4, 0.75])
-def test_dataset_items_have_fixed_shapes(broken_records, text_tokenizer, style, ratio):
-    dataset = make_dataset(broken_records, text_tokenizer, ratio=ratio, style=style)
-    assert len(dataset) == 7
-    for index in range(len(dataset)):
-        item = dataset[index]
-        assert set(item) == {"images", "image_mask", "text_ids", "text_labels", "text_padding_mask", "skipped"}
-        assert item["images"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
-        assert item["images"].dtype == torch.float32
+def test_masked_samples_have_fixed_shapes(text_tokenizer, style, ratio):
+    samples = MaskedSamples(text_tokenizer, IMAGE_SIZE, PATCH_SIZE, MaskingConfig(ratio, style, 0.5))
+    for record in shipped_records(5):
+        item = samples.make(record.image_path.read_bytes(), record.caption, random.Random(record.caption))
+        assert set(item) == {"images", "image_mask", "text_ids", "text_labels", "text_padding_mask"}
+        assert item["images"].shape == (3, IMAGE_SIZE, IMAGE_SIZE) and item["images"].dtype == torch.float32
         assert item["images"].min() >= -1.0 and item["images"].max() <= 1.0
         assert item["image_mask"].shape == (NUM_PATCHES,) and item["image_mask"].dtype == torch.bool
         assert int(item["image_mask"].sum()) == round(ratio * NUM_PATCHES)
         for key in ("text_ids", "text_labels", "text_padding_mask"):
             assert item[key].shape == (MAX_LEN,), key
-        assert item["text_ids"].dtype == torch.long and item["text_labels"].dtype == torch.long
-        assert item["text_padding_mask"].dtype == torch.bool
         # Labels only on real, non-special tokens; their count is round(0.5 * maskable).
-        _, padding_mask, maskable = text_tokenizer.encode(broken_records[(index + item["skipped"]) % 7].caption)
+        ids, padding_mask, maskable = text_tokenizer.encode(record.caption)
         chosen = item["text_labels"] != IGNORE_INDEX
         assert torch.equal(item["text_padding_mask"], padding_mask)
+        assert torch.equal(unmasked_ids(item), ids)
         assert not (chosen & ~maskable).any()
         assert int(chosen.sum()) == max(1, round(0.5 * int(maskable.sum())))
 
 
-def test_dataset_skips_unreadable_records(broken_records, text_tokenizer):
-    dataset = make_dataset(broken_records, text_tokenizer)
-    # requested index -> (record whose data comes back, records passed over)
-    expected = {0: (0, 0), 1: (4, 3), 2: (4, 2), 3: (4, 1), 4: (4, 0), 5: (5, 0), 6: (0, 1)}
-    for index, (source, skipped) in expected.items():
-        item = dataset[index]
-        assert item["skipped"] == skipped, index
-        record = broken_records[source]
-        assert torch.equal(item["images"], load_image(record.image_path, IMAGE_SIZE)), index
-        assert torch.equal(unmasked_ids(item), text_tokenizer.encode(record.caption)[0]), index
+def test_masked_samples_are_a_function_of_their_rng(text_tokenizer):
+    samples = MaskedSamples(text_tokenizer, IMAGE_SIZE, PATCH_SIZE, MaskingConfig())
+    record = shipped_records(1)[0]
+    data = record.image_path.read_bytes()
+    a, b = (samples.make(data, record.caption, random.Random("7:0:3")) for _ in range(2))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    c = samples.make(data, record.caption, random.Random("7:1:3"))
+    assert not torch.equal(a["image_mask"], c["image_mask"]) and not torch.equal(a["images"], c["images"])
+    whole = MaskedSamples(text_tokenizer, IMAGE_SIZE, PATCH_SIZE, MaskingConfig(), augment=False)
+    assert torch.equal(whole.make(data, record.caption, random.Random(1))["images"],
+                       load_image(record.image_path, IMAGE_SIZE))
 
 
-def test_dataset_all_unreadable_raises(tmp_path, text_tokenizer):
-    (tmp_path / "bad.png").write_bytes(b"not a png at all")
-    records = [ImageTextRecord(tmp_path / "bad.png", "a"), ImageTextRecord(tmp_path / "none.png", "b")]
-    dataset = make_dataset(records, text_tokenizer)
-    with pytest.raises(RuntimeError):
-        dataset[0]
+def test_random_resized_crops_cover_half_to_all_of_the_image_at_sane_ratios():
+    rng = random.Random(0)
+    for width, height in [(256, 256), (640, 360), (200, 300)]:
+        for _ in range(200):
+            left, top, right, bottom = random_resized_crop_box(width, height, rng)
+            assert 0 <= left < right <= width and 0 <= top < bottom <= height
+            area = (right - left) * (bottom - top) / (width * height)
+            ratio = (right - left) / (bottom - top)
+            assert 0.49 <= area <= 1.0 and 3 / 4 - 0.02 <= ratio <= 4 / 3 + 0.02
+    assert random_resized_crop_box(90, 300, rng) == (0, 105, 90, 195)  # no such crop fits: the central square
 
 
-@pytest.mark.parametrize("style", ["random", "block"])
-def test_dataset_masks_depend_on_seed_epoch_index(broken_records, text_tokenizer, style):
-    first = make_dataset(broken_records, text_tokenizer, style=style)
-    second = make_dataset(broken_records, text_tokenizer, style=style)
-    first.set_epoch(3)
-    second.set_epoch(3)
-    for index in (0, 4, 5):
-        a, b = first[index], second[index]
-        for key in ("image_mask", "text_ids", "text_labels", "text_padding_mask", "images"):
-            assert torch.equal(a[key], b[key]), (index, key)
-        # Repeated access gives the same item.
-        assert torch.equal(first[index]["image_mask"], a["image_mask"])
+def test_images_are_flipped_half_the_time_unless_the_caption_says_left_or_right():
+    half = Image.new("RGB", (32, 32), (255, 0, 0))
+    half.paste((0, 0, 255), (16, 0, 32, 32))  # red on the left, blue on the right
+    buffer = io.BytesIO()
+    half.save(buffer, format="PNG")
 
-    second.set_epoch(4)
-    for index in (0, 4, 5):
-        a, b = first[index], second[index]
-        assert not torch.equal(a["image_mask"], b["image_mask"]), index
-        assert not torch.equal(a["text_labels"], b["text_labels"]), index
-        assert torch.equal(a["images"], b["images"])  # the data itself does not change
+    def red_on_the_left(caption, seed):
+        image = decode_image(buffer.getvalue(), 32, random.Random(seed), not names_left_or_right(caption))
+        return image[0, 16, 0] > image[2, 16, 0]
 
-    other_seed = make_dataset(broken_records, text_tokenizer, style=style, seed=1)
-    other_seed.set_epoch(3)
-    assert not torch.equal(other_seed[0]["image_mask"], first[0]["image_mask"])
-    # Different indices that resolve to the same record still draw their own masks.
-    assert not torch.equal(first[3]["image_mask"], first[4]["image_mask"])
-
-
-# ---------------------------------------------------------------- ResumableShardSampler
-
-
-@pytest.mark.parametrize("size,world_size", [(11, 2), (10, 2), (17, 4), (5, 5), (9, 1)])
-def test_sampler_ranks_are_disjoint_equal_and_cover(size, world_size):
-    shares = []
-    for rank in range(world_size):
-        sampler = ResumableShardSampler(size, rank, world_size, seed=7)
-        sampler.set_position(2)
-        share = list(sampler)
-        assert len(share) == len(sampler) == size // world_size
-        shares.append(share)
-    flat = [i for share in shares for i in share]
-    assert len(flat) == len(set(flat)) == (size // world_size) * world_size
-    assert all(0 <= i < size for i in flat)
-
-
-def test_sampler_two_ranks_cover_all_but_the_tail():
-    size = 11
-    ranks = [ResumableShardSampler(size, rank, 2, seed=0) for rank in range(2)]
-    shares = [list(sampler) for sampler in ranks]
-    assert len(shares[0]) == len(shares[1]) == 5
-    assert not set(shares[0]) & set(shares[1])
-    assert len(set(shares[0]) | set(shares[1])) == 10
-
-
-def test_sampler_order_per_epoch():
-    sampler = ResumableShardSampler(64, 0, 2, seed=3)
-    sampler.set_position(5)
-    first = list(sampler)
-    again = ResumableShardSampler(64, 0, 2, seed=3)
-    again.set_position(5)
-    assert list(again) == first == list(sampler)
-    sampler.set_position(6)
-    assert list(sampler) != first
-    other_seed = ResumableShardSampler(64, 0, 2, seed=100)
-    other_seed.set_position(5)
-    assert list(other_seed) != first
-
-
-@pytest.mark.parametrize("rank", [0, 1, 2])
-def test_sampler_set_position_resumes_mid_epoch(rank):
-    full_sampler = ResumableShardSampler(50, rank, 3, seed=11)
-    full_sampler.set_position(4)
-    full = list(full_sampler)
-    assert len(full) == 16
-    for start in (0, 1, 7, 15, 16):
-        sampler = ResumableShardSampler(50, rank, 3, seed=11)
-        sampler.set_position(4, start)
-        tail = list(sampler)
-        assert tail == full[start:]
-        assert len(sampler) == 16 - start
-
-
-def test_sampler_default_position_is_epoch_zero_start():
-    fresh = list(ResumableShardSampler(20, 1, 2, seed=0))
-    positioned = ResumableShardSampler(20, 1, 2, seed=0)
-    positioned.set_position(0, 0)
-    assert fresh == list(positioned)
-
-
-@pytest.mark.parametrize("size,world_size", [(1, 2), (3, 4), (0, 1)])
-def test_sampler_rejects_dataset_smaller_than_world(size, world_size):
-    with pytest.raises(ValueError):
-        ResumableShardSampler(size, 0, world_size)
+    assert 60 < sum(red_on_the_left("a red and a blue half", seed) for seed in range(200)) < 140
+    for caption in ("red on the left", "blue on the RIGHT", "Left: red."):
+        assert all(red_on_the_left(caption, seed) for seed in range(50)), caption
+    assert not names_left_or_right("leftover paint, a bright spot")

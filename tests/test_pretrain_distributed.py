@@ -27,7 +27,7 @@ def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest
             assert ep2[key] == pytest.approx(ep1[key], rel=1e-4, abs=1e-5), (ep2["step"], key)
     assert "expert-parallel size 2" in log
     # Unreadable images are replaced by readable ones and counted.
-    assert parallel[-1]["skipped_images"] > 0
+    assert parallel[-1]["skipped"]["unreadable image"] > 0 and parallel[-1]["skipped"]["missing image"] > 0
     assert "2 malformed lines skipped" in log
     # Throughput: activated FLOPs of the step over its time, per rank, and their fraction of the peak.
     flops = parallel[-1]["tflops_per_rank"] * 1e12 * parallel[-1]["step_time_s"] * 2
@@ -48,14 +48,16 @@ ZERO3_EP_CHECKPOINTED = {"zero_optimization": {"stage": 3, "stage3_param_persist
 
 
 # The ZeRO-2 run trains the router-only variant and is resumed without saying so: the checkpoint's setting wins.
-@pytest.mark.parametrize("overrides, first_args", [({}, ["--no-routing-embedding-to-experts"]),
-                                                   (ZERO3_EP_CHECKPOINTED, [])],
+# The ZeRO-3 run reads with 2 loader workers per rank: resumed after 3 micro-batches, worker 0 plays the reader
+# of worker 1.
+@pytest.mark.parametrize("overrides, first_args, both_args", [({}, ["--no-routing-embedding-to-experts"], []),
+                                                              (ZERO3_EP_CHECKPOINTED, [], ["--num-workers", "2"])],
                          ids=["zero2_ep_router_only", "zero3_ep_checkpointed"])
-def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides, first_args):
+def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides, first_args, both_args):
     steps, interrupted_at = 6, 3
     ds_config = small_ds_config(**overrides)
     full, log = launch_pretrain(tmp_path, tmp_path / "full", ds_config, "--steps", steps,
-                                "--save-interval", interrupted_at, *first_args, data=dirty_manifest)
+                                "--save-interval", interrupted_at, *first_args, *both_args, data=dirty_manifest)
     if overrides:
         assert "routing embedding to the router and experts; ZeRO stage 3, expert-parallel size 2, " \
                "activation checkpointing on" in log
@@ -68,7 +70,7 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overr
     (run / "checkpoints" / "latest").write_text(f"step_{interrupted_at:08d}")
 
     resumed, log = launch_pretrain(tmp_path, run, ds_config, "--steps", steps, "--save-interval",
-                                   interrupted_at, "--resume", data=dirty_manifest)
+                                   interrupted_at, "--resume", *both_args, data=dirty_manifest)
     assert "resumed from" in log
     if first_args:
         assert "trained with routing_embedding_to_experts False; the resumed run keeps that" in log

@@ -107,3 +107,26 @@ def test_tokenizer_trains_over_shards(manifest, tmp_path):
     assert tokenizer.token_to_id("[MASK]") == 4 and tokenizer.get_vocab_size() <= 300
     missing = run_tool("train_tokenizer.py", str(tmp_path / "shards" / "{00000..00005}.tar"), "--out", out)
     assert missing.returncode != 0 and "00003.tar" in missing.stderr
+
+
+def test_index_shards_counts_foreign_shards_and_pretraining_then_reads_them(tmp_path):
+    from eve_ds.data import DataError, open_source
+
+    folder = tmp_path / "foreign"
+    folder.mkdir()
+    for number, lines in enumerate(([0, 1, 2], [3, 4])):
+        with tarfile.open(folder / f"{number:05d}.tar", "w") as archive:
+            for line in lines:
+                entry = json.loads((SHAPES / "manifest.jsonl").read_text().splitlines()[line])
+                for name, payload in ((f"{line:04d}.png", (SHAPES / entry["image"]).read_bytes()),
+                                      (f"{line:04d}.txt", entry["caption"].encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(payload)
+                    archive.addfile(info, io.BytesIO(payload))
+    pattern = str(folder / "{00000..00001}.tar")
+    with pytest.raises(DataError, match="tools/index_shards.py"):
+        open_source(pattern)
+    result = run_tool("index_shards.py", pattern, "--workers", 1)
+    assert result.returncode == 0, result.stderr
+    assert read_index(folder) == {"00000.tar": 3, "00001.tar": 2}
+    assert open_source(pattern).total == 5

@@ -1,7 +1,9 @@
-"""Map-style image-text dataset producing masked-signal-modeling samples, and a resumable sampler."""
-import logging
-import random
+"""One pre-training sample from an image and its caption: decoding, the authors' augmentation, masks."""
+import io
+import math
+import re
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -9,8 +11,6 @@ from PIL import Image
 
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import MaskingConfig, block_patch_mask, mask_text, random_patch_mask
-
-logger = logging.getLogger(__name__)
 
 # Pillow's decompression-bomb warning (more pixels than Image.MAX_IMAGE_PIXELS) is raised as an error here:
 # such an image is skipped, not decoded.
@@ -30,55 +30,70 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path, size: int) -> torch.Tensor:
-    """RGB image resized to size x size, scaled to [-1, 1], as [3, size, size]. No flips: captions say
-    "left" and "right". A JPEG larger than the target is decoded at a reduced size."""
+    """An image file as [3, size, size] in [-1, 1], resized whole (no augmentation)."""
+    return decode_image(Path(path).read_bytes(), size)
+
+
+# The authors' pre-training augmentation for pixel targets: a random crop of 50-100% of the area (aspect
+# ratio 3/4-4/3) resized bicubically, and a horizontal flip unless the caption says left or right.
+CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
+_LEFT_OR_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def names_left_or_right(text: str) -> bool:
+    return bool(_LEFT_OR_RIGHT.search(text))
+
+
+def random_resized_crop_box(width: int, height: int, rng) -> tuple:
+    """(left, top, right, bottom) of a crop covering CROP_SCALE of the area with an aspect ratio in
+    CROP_RATIO (log-uniform); the central square-ish crop where ten draws do not fit."""
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*CROP_SCALE)
+        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
+        crop_width, crop_height = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            left, top = rng.randint(0, width - crop_width), rng.randint(0, height - crop_height)
+            return left, top, left + crop_width, top + crop_height
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def decode_image(data: bytes, size: int, rng=None, flip_allowed: bool = True) -> torch.Tensor:
+    """Image bytes as [3, size, size] in [-1, 1]. With ``rng``, the authors' augmentation (random resized crop,
+    and a horizontal flip where ``flip_allowed``); without, the whole image resized. A JPEG is decoded at the
+    smallest reduced size that still covers the crop."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            image.draft("RGB", (size, size))
-            image = to_rgb(image).resize((size, size), Image.Resampling.BICUBIC)
+        with Image.open(io.BytesIO(data)) as image:
+            cover = size if rng is None else math.ceil(size / math.sqrt(CROP_SCALE[0]))
+            image.draft("RGB", (cover, cover))
+            image = to_rgb(image)
+    box = None if rng is None else random_resized_crop_box(*image.size, rng)
+    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    if rng is not None and flip_allowed and rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     return pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
 
 
-class ImageTextDataset(torch.utils.data.Dataset):
-    """Each item: the image, its patch mask, the masked caption and its labels.
+class MaskedSamples:
+    """Turns (image bytes, caption, rng) into a masked-signal-modeling sample; every random choice (crop,
+    flip, image mask, text mask) is drawn from the caller's rng, seeded per sample."""
 
-    Masks come from a generator seeded by (seed, epoch, index). A record whose image cannot be read is
-    replaced by the next readable one, so batch shapes stay fixed (expert parallelism needs every rank
-    to route the same number of tokens); the item's ``skipped`` field counts the records passed over.
-    """
-
-    def __init__(self, records, tokenizer: TextTokenizer, image_size: int, patch_size: int,
-                 masking: MaskingConfig, seed: int = 0):
-        self.records = list(records)
+    def __init__(self, tokenizer: TextTokenizer, image_size: int, patch_size: int, masking: MaskingConfig,
+                 augment: bool = True):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.grid_size = image_size // patch_size
         self.masking = masking
-        self.seed = seed
-        self.epoch = 0
+        self.augment = augment
 
-    def __len__(self):
-        return len(self.records)
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __getitem__(self, index: int) -> dict:
-        for skipped in range(len(self.records)):
-            record = self.records[(index + skipped) % len(self.records)]
-            try:
-                image = load_image(record.image_path, self.image_size)
-            except UNREADABLE_IMAGE_ERRORS as error:
-                logger.warning("skipped unreadable image %s: %s", record.image_path, error)
-                continue
-            sample = self._masked_sample(image, record.caption, random.Random(f"{self.seed}:{self.epoch}:{index}"))
-            sample["skipped"] = skipped
-            return sample
-        raise RuntimeError("no image of the data set could be read")
-
-    def _masked_sample(self, image, caption: str, rng: random.Random) -> dict:
+    def make(self, image_data: bytes, caption: str, rng) -> dict:
+        """Raises one of UNREADABLE_IMAGE_ERRORS for an image that cannot be decoded."""
+        image = decode_image(image_data, self.image_size, rng if self.augment else None,
+                             flip_allowed=not names_left_or_right(caption))
         num_patches = self.grid_size**2
         num_masked = round(self.masking.image_mask_ratio * num_patches)
         if self.masking.image_masking == "block":
@@ -90,29 +105,3 @@ class ImageTextDataset(torch.utils.data.Dataset):
                                           self.tokenizer.ordinary_ids, rng)
         return {"images": image, "image_mask": image_mask, "text_ids": text_ids, "text_labels": text_labels,
                 "text_padding_mask": padding_mask}
-
-
-class ResumableShardSampler(torch.utils.data.Sampler):
-    """Shuffles once per epoch with (seed, epoch), gives this data-parallel rank its strided share
-    (dropping the tail so that every rank gets the same count), and can start mid-epoch."""
-
-    def __init__(self, dataset_size: int, rank: int, world_size: int, seed: int = 0):
-        if dataset_size < world_size:
-            raise ValueError(f"data set of {dataset_size} samples is smaller than the {world_size} data-parallel ranks")
-        self.dataset_size, self.rank, self.world_size, self.seed = dataset_size, rank, world_size, seed
-        self.epoch, self.start = 0, 0
-
-    def set_position(self, epoch: int, start: int = 0):
-        """Epoch to draw from and how many of this rank's samples of it are already consumed."""
-        if not 0 <= start <= self.dataset_size // self.world_size:
-            raise ValueError(f"start {start} is outside this rank's {self.dataset_size // self.world_size} samples")
-        self.epoch, self.start = epoch, start
-
-    def __len__(self):
-        return self.dataset_size // self.world_size - self.start
-
-    def __iter__(self):
-        order = torch.randperm(self.dataset_size, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        per_rank = self.dataset_size // self.world_size
-        mine = order[self.rank:per_rank * self.world_size:self.world_size]
-        return iter(mine[self.start:].tolist())

@@ -40,11 +40,11 @@ def expand_pattern(pattern) -> list:
             for path in expand_pattern(pattern[:match.start()] + choice + pattern[match.end():])]
 
 
-def iter_shard(path, problems: Counter):
-    """(key, {extension: bytes}) for each sample of a shard, in order. A shard that cannot be opened, or that
-    ends in the middle (truncated), counts in ``problems`` ("unreadable shard", "truncated shard") after
-    yielding what it holds; it never raises."""
-    key, files = None, {}
+def iter_shard(path, problems: Counter, skip: int = 0):
+    """(key, {extension: bytes}) for each sample of a shard, in order, after the first ``skip`` samples (passed
+    over without being extracted). A shard that cannot be opened, or that ends in the middle (truncated), counts
+    in ``problems`` ("unreadable shard", "truncated shard") after yielding what it holds; it never raises."""
+    key, files, seen = None, {}, 0
     try:
         with tarfile.open(path, mode="r|*") as archive:  # a stream: no seeking, as over a network file
             for member in archive:
@@ -52,10 +52,13 @@ def iter_shard(path, problems: Counter):
                     continue
                 name = member.name.rsplit("/", 1)[-1]
                 member_key, _, extension = name.partition(".")
-                if member_key != key and files:
-                    yield key, files
-                    files = {}
-                key = member_key
+                if member_key != key:
+                    if files:
+                        yield key, files
+                        files = {}
+                    key, seen = member_key, seen + 1
+                if seen <= skip:
+                    continue
                 data = archive.extractfile(member).read()
                 if len(data) != member.size:
                     raise EOFError(f"{name}: {len(data)} of {member.size} bytes")

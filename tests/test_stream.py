@@ -1,0 +1,213 @@
+"""The pre-training stream over shards and manifests: disjoint complete coverage by ranks and workers, exact
+resume, resume at another number of readers, mixing weights, bad samples counted, validation batches."""
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
+from eve_ds.data.shards import add_sample, write_index
+from eve_ds.data.stream import validation_batches
+from eve_ds.objectives import MaskingConfig
+from tests.conftest import SHAPES
+
+MICRO_BATCH = 4
+
+
+def shipped_pairs(count: int, first: int = 0) -> list:
+    lines = (SHAPES / "manifest.jsonl").read_text().splitlines()[first:first + count]
+    return [(SHAPES / json.loads(line)["image"], json.loads(line)["caption"]) for line in lines]
+
+
+def write_shards(folder, pairs, sizes):
+    """Shards of the given sample counts (uneven on purpose), with their index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    counts, pairs = {}, iter(pairs)
+    for number, size in enumerate(sizes):
+        with tarfile.open(folder / f"{number:05d}.tar", "w") as archive:
+            for offset in range(size):
+                image, caption = next(pairs)
+                add_sample(archive, f"{number:03d}{offset:05d}", ("png", image.read_bytes()), [caption])
+        counts[f"{number:05d}.tar"] = size
+    write_index(folder, counts)
+    return f"{folder}/{{00000..{len(sizes) - 1:05d}}}.tar"
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return MaskedSamples(TextTokenizer(SHAPES / "tokenizer.json", 40), 32, 8, MaskingConfig())
+
+
+@pytest.fixture(scope="module")
+def shard_set(tmp_path_factory):
+    """100 samples in shards of 30, 7, 41 and 22."""
+    return write_shards(tmp_path_factory.mktemp("shards"), shipped_pairs(100), [30, 7, 41, 22])
+
+
+def loaders(sources, samples, world_size, workers, weights=None, saved=None):
+    """One DataLoader per rank, each with its StreamPosition (restored from ``saved`` where given)."""
+    ranks = []
+    for rank in range(world_size):
+        stream = PretrainingStream(sources, weights or [1.0] * len(sources), samples, MICRO_BATCH, rank, world_size,
+                                   workers, seed=5, block=16)
+        position = StreamPosition(stream)
+        if saved is not None:
+            position.restore(saved)
+        ranks.append((iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers)), position))
+    return ranks
+
+
+def take(ranks, batches: int) -> list:
+    """Per rank, the keys and the masks of its next micro-batches; the positions advance as in training."""
+    taken = [[] for _ in ranks]
+    for _ in range(batches):
+        for rank, (loader, position) in enumerate(ranks):
+            batch = next(loader)
+            keys = batch["keys"]
+            position.consume(batch)
+            taken[rank] += list(zip(keys, batch["image_mask"].sum(1).tolist(), batch["text_ids"][:, :5].tolist(),
+                                    batch["images"][:, 0, 0, 0].tolist()))
+    return taken
+
+
+def save(ranks) -> dict:
+    return ranks[0][1].saved(lambda _: [position.states for _, position in ranks])
+
+
+def test_two_ranks_with_two_workers_read_disjoint_complete_slices(shard_set, samples):
+    source = open_source(shard_set)
+    taken = take(loaders([source], samples, 2, 2), 100 // 4 // MICRO_BATCH * 2)  # one epoch of each reader
+    keys = [key for rank in taken for key, *_ in rank]
+    assert len(keys) == len(set(keys)) == 96  # 4 readers x 25 positions, rounded down to whole micro-batches
+    assert {key.split(":")[1] for key in keys} == {"0"}
+    more = take(loaders([source], samples, 2, 2), 13 * 2)  # on into epoch 1: the four slices of 25 are complete
+    assert len({key for rank in more for key, *_ in rank if key.split(":")[1] == "0"}) == 100
+
+
+def test_resume_at_the_same_world_size_sees_exactly_the_uninterrupted_samples(shard_set, samples):
+    source = open_source(shard_set)
+    uninterrupted = take(loaders([source], samples, 2, 2), 19)
+    first = loaders([source], samples, 2, 2)
+    before = take(first, 7)  # odd: the resumed loaders start with worker 1's reader
+    saved = json.loads(json.dumps(save(first)))
+    after = take(loaders([source], samples, 2, 2, saved=saved), 12)
+    assert [b + a for b, a in zip(before, after)] == uninterrupted
+
+
+@pytest.mark.parametrize("world_size, workers", [(1, 3), (3, 2)])
+def test_resume_at_another_number_of_readers_neither_repeats_nor_skips(shard_set, samples, world_size, workers):
+    source = open_source(shard_set)
+    first = loaders([source], samples, 2, 2)
+    before = take(first, 5)
+    after = take(loaders([source], samples, world_size, workers, saved=save(first)), 40)
+    epoch0 = [key for rank in before + after for key, *_ in rank if key.split(":")[1] == "0"]
+    assert len(epoch0) == len(set(epoch0)) == 100
+
+
+def test_mixing_draws_the_sources_in_proportion_to_their_weights(tmp_path, samples):
+    a = open_source(write_shards(tmp_path / "a", shipped_pairs(40), [20, 20]))
+    b = open_source(write_shards(tmp_path / "b", shipped_pairs(40, first=40), [40]))
+    taken = take(loaders([a, b], samples, 2, 2, weights=[3.0, 1.0]), 100)
+    drawn = Counter(key.split(":")[0] for rank in taken for key, *_ in rank)
+    assert abs(drawn["0"] / sum(drawn.values()) - 0.75) < 0.04  # 800 draws: 3 standard deviations is 0.046
+
+
+def encoded(image: Image.Image, format="PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def put(archive, key: str, files: dict):
+    for extension, payload in files.items():
+        info = tarfile.TarInfo(f"{key}.{extension}")
+        info.size = len(payload)
+        archive.addfile(info, io.BytesIO(payload))
+
+
+def bad_shards(folder) -> str:
+    """Shard 0: 4 good samples, 5 in modes that are converted, and one of each kind of bad sample; shard 1: 2 good
+    samples, then cut off in the middle of a third; shard 2: counted in the index but absent."""
+    good = [(image.read_bytes(), caption.encode()) for image, caption in shipped_pairs(4)]
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as archive:
+        for index, (image, caption) in enumerate(good):
+            put(archive, f"good{index}", {"png": image, "txt": caption})
+        put(archive, "corrupt", {"jpg": b"\xff\xd8\xff not a jpeg", "txt": b"a corrupt image"})
+        put(archive, "zero", {"jpg": b"", "txt": b"a zero-byte image"})
+        put(archive, "bomb", {"png": encoded(Image.new("L", (256, 256))), "txt": b"too many pixels"})
+        put(archive, "nocaption", {"png": good[0][0]})
+        put(archive, "emptycaption", {"png": good[0][0], "txt": b"  \n"})
+        put(archive, "latin1", {"png": good[0][0], "txt": "caf\xe9 au lait".encode("latin-1")})
+        put(archive, "noimage", {"txt": b"a caption without its image"})
+        converted = {"grey": encoded(Image.new("L", (16, 16), 200)),
+                     "rgba": encoded(Image.new("RGBA", (16, 16), (200, 0, 0, 128))),
+                     "grey16": encoded(Image.fromarray(np.full((16, 16), 50000, dtype=np.uint16))),
+                     "palette": encoded(Image.new("P", (16, 16), 3))}
+        for key, image in converted.items():
+            put(archive, key, {"png": image, "txt": f"a {key} image".encode()})
+        put(archive, "cmyk", {"jpg": encoded(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"), "txt": b"cmyk"})
+    with tarfile.open(folder / "00001.tar", "w") as archive:
+        for index in (1, 2, 3):
+            put(archive, f"more{index}", {"txt": good[index][1], "png": good[index][0]})
+    with tarfile.open(folder / "00001.tar") as archive:
+        last = archive.getmember("more3.png")
+    data = (folder / "00001.tar").read_bytes()
+    (folder / "00001.tar").write_bytes(data[:last.offset_data + last.size // 2])
+    write_index(folder, {"00000.tar": 16, "00001.tar": 3, "00002.tar": 5})
+    return f"{folder}/{{00000..00002}}.tar"
+
+
+def test_bad_samples_are_skipped_and_counted_per_reason(tmp_path, samples, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 96)  # the shipped images pass, 256 x 256 is an error
+    source = open_source(bad_shards(tmp_path / "bad"))
+    stream = PretrainingStream([source], [1.0], samples, 1, 0, 1, 0, seed=0, block=64)
+    position = StreamPosition(stream)
+    batches, problems = iter(stream), Counter()
+    for _ in range(40 * 11):  # 11 good samples in each epoch of 24 positions
+        batch = next(batches)
+        assert batch["images"].shape == (1, 3, 32, 32)
+        problems.update(position.consume(batch))
+        (epoch, _, _, consumed), = position.states[0]["sources"][0]["pending"]
+        if consumed == source.total:  # the epoch's last position was a good sample: every position is counted
+            break
+    else:
+        pytest.fail("no epoch ended on a good sample")
+    epochs = epoch + 1
+    assert {reason: count / epochs for reason, count in problems.items() if count} == {
+        "unreadable image": 2, "image too large": 1, "missing caption": 1, "empty caption": 1,
+        "non-UTF-8 caption": 1, "missing image": 1, "truncated shard": 1, "unreadable shard": 1}
+
+
+def test_manifests_stream_like_shards(samples):
+    source = open_source(SHAPES / "manifest.jsonl")
+    taken = take(loaders([source], samples, 2, 1), 8)
+    keys = [key for rank in taken for key, *_ in rank]
+    assert len(set(keys)) == 64 and all(key.endswith(".png") for key in keys)
+
+
+def test_validation_batches_are_the_same_on_any_world_size(shard_set, samples):
+    source = open_source(shard_set)
+
+    def real_samples(world_size):
+        found = []
+        counts = set()
+        for rank in range(world_size):
+            batches = list(validation_batches(source, samples, rank, world_size, MICRO_BATCH, 3, Counter()))
+            counts.add(len(batches))
+            for batch in batches:
+                for index in range(MICRO_BATCH):
+                    if batch["image_mask"][index].any():
+                        found.append((batch["images"][index].sum().item(), batch["image_mask"][index].tolist(),
+                                      batch["text_labels"][index].tolist()))
+        assert len(counts) == 1  # every rank runs the same number of batches
+        return sorted(found)
+
+    one = real_samples(1)
+    assert len(one) == 100
+    assert one == real_samples(3)
