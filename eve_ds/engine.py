@@ -46,12 +46,13 @@ def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 
 
-def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int) -> tuple:
+def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int, global_batch: int = None) -> tuple:
     """Reads and validates a DeepSpeed JSON config; returns (config for DeepSpeed, ParallelismOptions).
 
-    Fills what depends on the launch: ``train_batch_size`` (micro batch x accumulation x data-parallel
-    size), ``"auto"`` bf16 (on where the GPU supports it), and the scheduler's ``"auto"`` lengths (all
-    training steps; warmup over the first 5%).
+    Fills what depends on the launch: an ``"auto"`` micro batch (``global_batch`` over accumulation and
+    data-parallel size), ``train_batch_size`` (micro batch x accumulation x data-parallel size), ``"auto"``
+    bf16 (on where the GPU supports it), and the scheduler's ``"auto"`` lengths (all training steps; warmup
+    over the first 5%).
     """
     path = Path(path)
     if not path.is_file():
@@ -89,6 +90,12 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         fail("zero_optimization.stage", f"is {stage!r}; ZeRO stages are 0, 1, 2 and 3")
 
     micro_batch = config.get("train_micro_batch_size_per_gpu")
+    if micro_batch == "auto" and global_batch is not None:
+        per_micro_step = config.get("gradient_accumulation_steps", 1) * world_size
+        if global_batch % per_micro_step:
+            fail("train_micro_batch_size_per_gpu", f"is \"auto\", but the global batch {global_batch} does not "
+                 f"divide into {per_micro_step} (accumulation steps x ranks)")
+        micro_batch = config["train_micro_batch_size_per_gpu"] = global_batch // per_micro_step
     if not isinstance(micro_batch, int) or micro_batch < 1:
         fail("train_micro_batch_size_per_gpu", f"must be a positive integer, got {micro_batch!r}")
     accumulation = config.setdefault("gradient_accumulation_steps", 1)
@@ -113,7 +120,7 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
     return config, options
 
 
-def _no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
+def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.dim() < 2 or name.endswith(("_pos", "_cls", "_embed", "token_embed.weight",
                                              "modality_type_embed"))
 
@@ -124,7 +131,7 @@ def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
+            (no_decay if no_weight_decay(name, param) else decay).append(param)
     param_groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
                     {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(param_groups)
@@ -134,17 +141,22 @@ def zero_stage(ds_config: dict) -> int:
     return ds_config.get("zero_optimization", {}).get("stage", 0)
 
 
-def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlacement):
-    """Wraps the model (built with ``placement``) in a DeepSpeed engine; returns (engine, lr scheduler)."""
+def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlacement, param_groups: list = None,
+               lr_scheduler=None):
+    """Wraps the model (built with ``placement``) in a DeepSpeed engine; returns (engine, lr scheduler).
+    ``param_groups`` default to ``optimizer_param_groups``; ``lr_scheduler`` (a callable of the optimizer)
+    replaces the config's "scheduler"."""
     if zero_stage(ds_config) == 3:
         # The gate reads its router weight directly rather than calling that Linear, so ZeRO-3 must gather
         # the gate's parameters as one leaf module.
         set_z3_leaf_modules(model, [ModalityAwareGate])
     else:
         use_engine_managed_moe(model)
-    weight_decay = ds_config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config,
-                                                   model_parameters=optimizer_param_groups(model, weight_decay))
+    if param_groups is None:
+        param_groups = optimizer_param_groups(model, ds_config.get("optimizer", {}).get("params", {}).get(
+            "weight_decay", 0.0))
+    engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config, model_parameters=param_groups,
+                                                   lr_scheduler=lr_scheduler)
     if placement.ep_size > 1:
         actual = groups._get_expert_parallel_rank(f"ep_size_{placement.ep_size}")
         expected = placement.ep_rank

@@ -7,37 +7,32 @@ import argparse
 import json
 import logging
 import os
-import resource
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
-from eve_ds.cluster import EXIT_REQUEUE, StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
+from eve_ds.cluster import StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
-from eve_ds.model.moe import TEXT, VISION, ExpertPlacement
+from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
+from eve_ds.trainer import Job, Loop, RunLog, all_reduce, gather, run_summary
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data/shapes/shards/{00000..00003}.tar"
 LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
-COUNT_NAMES = ("samples", "tokens", "flops", *REASONS)  # summed over micro-batches and ranks
 
 
 def parse_args(argv=None):
@@ -128,19 +123,6 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
     return requested
 
 
-def step_seed(seed: int, step: int, micro_step: int, rank: int) -> int:
-    """Dropout, drop path and the gate's sampled second expert draw from the global RNG, reseeded for
-    every micro-step from (seed, step, micro-step, rank): a resumed run needs no saved RNG state."""
-    return ((seed * 1_000_003 + step) * 1_009 + micro_step) * 10_007 + rank
-
-
-def gather(value) -> list:
-    """One picklable object from every rank, in rank order."""
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
-
-
 @torch.no_grad()
 def validate(engine, batches, patch_size: int) -> dict:
     """Masked image and text losses over the validation set: means over every masked pixel value and every
@@ -161,76 +143,54 @@ def validate(engine, batches, patch_size: int) -> dict:
     return {"val_image_loss": image_sum / max(image_count, 1), "val_text_loss": text_sum / max(text_count, 1)}
 
 
-def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    dist.all_reduce(values, op=op)
-    return values
-
-
-def peak_memory_mb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is in KiB on Linux
-
-
-class RunLog:
-    """Rank 0's outputs: console lines, tensorboard scalars and metrics.jsonl (one object per step)."""
-
-    def __init__(self, out: Path, active: bool, resume_step: int):
-        self.active = active
-        if not active:
-            return
-        self.metrics_path = out / "metrics.jsonl"
-        if resume_step and self.metrics_path.exists():  # drop steps after the checkpoint: they are redone
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
-        self.metrics = self.metrics_path.open("a")
-        self.writer = SummaryWriter(str(out / "tensorboard"))
-
-    def write(self, record: dict):
-        if not self.active:
-            return
-        self.metrics.write(json.dumps(record) + "\n")
-        self.metrics.flush()
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
-        for reason, count in record.get("skipped", {}).items():
-            self.writer.add_scalar(f"skipped/{reason}", count, record["step"])
-        for layer, load in record.get("expert_load", {}).items():
-            self.writer.add_image(f"expert_load/{layer}", expert_load_picture(load), record["step"])
-
-    def close(self):
-        if self.active:
-            self.metrics.close()
-            self.writer.close()
-
-
 def describe_skipped(problems: Counter) -> str:
     total = sum(problems.values())
     return f"{total} ({', '.join(f'{reason} {count}' for reason, count in problems.items() if count)})" if total else "0"
 
 
-def expert_load_picture(load: dict, cell: int = 8) -> torch.Tensor:
-    """One MoE layer's load as a [1, H, W] grey picture: a row of cells per modality (vision above text), a
-    column per expert, white for the most loaded; collapse or specialisation shows at a glance."""
-    fractions = torch.tensor([load["vision"], load["text"]])
-    picture = fractions / fractions.max().clamp(min=1e-9)
-    return picture.repeat_interleave(cell, 0).repeat_interleave(cell, 1).unsqueeze(0)
+class PretrainingJob(Job):
+    """Masked signal modeling over the data stream: counts tokens, FLOPs and skipped samples, validates every
+    ``--val-interval`` steps, and saves the readers' position with every checkpoint."""
+    loss_names = LOSS_NAMES
 
+    def __init__(self, engine, config, position: StreamPosition, args, client_state: dict, validation=None,
+                 validation_samples=None):
+        self.engine, self.config, self.position, self.args = engine, config, position, args
+        self.base_state, self.validation, self.validation_samples = client_state, validation, validation_samples
+        self.world_size = dist.get_world_size()
 
-def expert_load_fractions(model) -> tuple:
-    """Per MoE layer, the [modality, expert] routed-token counts of the last forward pass."""
-    return tuple(moe.gate.expert_load.clone() for moe in model.encoder.moe_layers())
+    def inputs(self, batch: dict) -> tuple:
+        skipped = self.position.consume(batch)
+        size, text_len = batch["text_ids"].shape
+        config = self.config
+        counts = {"samples": size, "tokens": batch["text_padding_mask"].sum() + size * config.num_image_tokens,
+                  "flops": size * training_flops(config, config.num_image_tokens, text_len,
+                                                 batch["image_mask"].sum() / size,
+                                                 (batch["text_labels"] != IGNORE_INDEX).sum() / size),
+                  **skipped}
+        return batch, counts
 
+    def step_record(self, step: int, counts: dict, step_time: float) -> dict:
+        self.position.problems.update({reason: int(counts[reason]) for reason in REASONS if counts[reason]})
+        tflops_per_rank = counts["flops"] / step_time / self.world_size / 1e12
+        record = {"tokens_per_s": counts["tokens"] / step_time, "tflops_per_rank": tflops_per_rank,
+                  "mfu": tflops_per_rank / self.args.peak_tflops,
+                  "skipped": {reason: self.position.problems[reason] for reason in REASONS}}
+        if self.validation is not None and (step % self.args.val_interval == 0 or step == self.args.steps):
+            batches = validation_batches(self.validation, self.validation_samples, dist.get_rank(), self.world_size,
+                                         self.position.stream.micro_batch, self.args.seed, Counter())
+            record.update(validate(self.engine, batches, self.config.patch_size))
+            if dist.get_rank() == 0:
+                logger.info("step %d validation: image %.4f  text %.4f", step, record["val_image_loss"],
+                            record["val_text_loss"])
+        return record
 
-def summarize_expert_load(layer_indices, loads) -> dict:
-    summary = {}
-    for layer, load in zip(layer_indices, loads):
-        fractions = load / load.sum(dim=1, keepdim=True).clamp(min=1)
-        summary[f"layer_{layer}"] = {"vision": [round(x, 4) for x in fractions[VISION].tolist()],
-                                     "text": [round(x, 4) for x in fractions[TEXT].tolist()]}
-    return summary
+    def console(self, record: dict) -> str:
+        return (f"{record['tokens_per_s']:.0f} tokens/s  {record['tflops_per_rank']:.3g} TFLOP/s per rank  "
+                f"MFU {100 * record['mfu']:.2g}%  skipped {describe_skipped(self.position.problems)}  ")
+
+    def client_state(self) -> dict:
+        return {**self.base_state, "data": self.position.saved(gather)}
 
 
 def main(argv=None, stop: StopRequest = None):
@@ -290,7 +250,6 @@ def main(argv=None, stop: StopRequest = None):
                 "router and experts" if config.routing_embedding_to_experts else "router only",
                 zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
     engine, _ = initialize(model, ds_config, placement)
-    device = engine.device
 
     start_step = 0
     if resume_tag is not None:
@@ -313,94 +272,16 @@ def main(argv=None, stop: StopRequest = None):
                        "stream starts from its beginning")
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
-    run_log = RunLog(args.out, is_main, start_step)
     client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
-
+    job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                                worker_init_fn=ignore_stop_signals))
-    # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
-    progress = tqdm(total=args.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
-                    desc="pre-training", unit="step")
-    step_times, stopped = [], False
-    for step in range(start_step + 1, args.steps + 1):
-        started = time.perf_counter()
-        totals = torch.zeros(len(LOSS_NAMES) + len(COUNT_NAMES), device=device, dtype=torch.float64)
-        loads = None
-        for micro_step in range(accumulation):
-            batch = next(batches)
-            skipped = position.consume(batch)
-            size, text_len = batch["text_ids"].shape
-            micro_counts = [size, batch["text_padding_mask"].sum() + size * config.num_image_tokens,
-                            size * training_flops(config, config.num_image_tokens, text_len,
-                                                  batch["image_mask"].sum() / size,
-                                                  (batch["text_labels"] != IGNORE_INDEX).sum() / size),
-                            *skipped.values()]
-            batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-            if engine.bfloat16_enabled():
-                batch["images"] = batch["images"].bfloat16()
-            torch.manual_seed(step_seed(args.seed, step, micro_step, rank))
-            outputs = engine(**batch)
-            engine.backward(outputs["loss"])
-            engine.step()
-            totals[:len(LOSS_NAMES)] += torch.stack([outputs[name].detach().float() for name in LOSS_NAMES]) / accumulation
-            totals[len(LOSS_NAMES):] += torch.tensor([float(count) for count in micro_counts], device=device,
-                                                     dtype=torch.float64)
-            micro_loads = expert_load_fractions(engine.module)
-            loads = micro_loads if loads is None else tuple(a + b for a, b in zip(loads, micro_loads))
-        totals = all_reduce(totals)
-        step_time = time.perf_counter() - started
-        step_times.append(step_time)
-        losses = (totals[:len(LOSS_NAMES)] / world_size).tolist()
-        step_counts = dict(zip(COUNT_NAMES, totals[len(LOSS_NAMES):].tolist()))
-        position.problems.update({reason: int(step_counts[reason]) for reason in REASONS if step_counts[reason]})
-        grad_norm = engine.get_global_grad_norm()
-        tflops_per_rank = step_counts["flops"] / step_time / world_size / 1e12
-        record = {"step": step, **dict(zip(LOSS_NAMES, losses)), "lr": engine.get_lr()[0],
-                  "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-                  "samples_per_s": step_counts["samples"] / step_time,
-                  "tokens_per_s": step_counts["tokens"] / step_time,
-                  "tflops_per_rank": tflops_per_rank, "mfu": tflops_per_rank / args.peak_tflops,
-                  "step_time_s": step_time, "skipped": {reason: position.problems[reason] for reason in REASONS}}
-        if validation is not None and (step % args.val_interval == 0 or step == args.steps):
-            record.update(validate(engine, validation_batches(validation, validation_samples, rank, world_size,
-                                                              micro_batch, args.seed, Counter()), config.patch_size))
-            if is_main:
-                progress.write(f"step {step}/{args.steps}  validation: image {record['val_image_loss']:.4f}  "
-                               f"text {record['val_text_loss']:.4f}")
-        if step % args.log_interval == 0 or step == args.steps:
-            loads = [all_reduce(load) for load in loads]
-            record["expert_load"] = summarize_expert_load(config.moe_layers, loads)
-            if is_main:
-                progress.write(f"step {step}/{args.steps}  loss {losses[0]:.4f}  image {losses[1]:.4f}  "
-                               f"text {losses[2]:.4f}  aux {losses[3]:.4f}  lr {record['lr']:.2e}  "
-                               f"grad_norm {record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
-                               f"{record['tokens_per_s']:.0f} tokens/s  {tflops_per_rank:.3g} TFLOP/s per rank  "
-                               f"MFU {100 * record['mfu']:.2g}%  {step_time:.3f} s/step  "
-                               f"skipped {describe_skipped(position.problems)}")
-        run_log.write(record)
-        progress.update(1)
-        progress.set_postfix(loss=f"{losses[0]:.3f}")
-        saved = step % args.save_interval == 0 or step == args.steps
-        if saved:
-            checkpoints.save(engine, step, {**client_state, "data": position.saved(gather)})
-        if stop.agreed(device):
-            if not saved:
-                checkpoints.save(engine, step, {**client_state, "data": position.saved(gather)})
-            stopped = True
-            break
-
-    progress.close()
-    run_log.close()
-    if stopped:
-        logger.warning("stopped on %s after step %d with its checkpoint written; exiting %d for a requeue",
-                       stop.signal_name or "a signal to another rank", step, EXIT_REQUEUE)
-        sys.exit(EXIT_REQUEUE)
-    peak = all_reduce(torch.tensor([peak_memory_mb(device)], device=device), op=dist.ReduceOp.MAX).item()
-    timed = step_times[min(5, len(step_times) - 1):] if step_times else [float("nan")]
-    summary = {"steps": args.steps, "world_size": world_size, "expert_parallel_size": ep_size,
-               "mean_step_time_s": sum(timed) / len(timed), "peak_memory_mb_per_rank": peak,
-               "parameters": counts.total, "activated_parameters": counts.activated,
-               "skipped": dict(position.problems)}
+    loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,
+                config.moe_layers, args.seed, args.save_interval, args.log_interval, stop, "pre-training")
+    step_times = loop.run(start_step)
+    summary = run_summary(step_times, engine.device, steps=args.steps, world_size=world_size,
+                          expert_parallel_size=ep_size, parameters=counts.total, activated_parameters=counts.activated,
+                          skipped=dict(position.problems))
     if is_main:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.info("done: %s", json.dumps(summary))

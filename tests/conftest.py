@@ -40,20 +40,27 @@ def small_ds_config(**overrides) -> dict:
     return config
 
 
-def launch_pretrain(tmp_path: Path, out: Path, ds_config: dict, *args, num_ranks: int = 2, data=None):
-    """Runs launch/pretrain.py under the DeepSpeed launcher (CPU, gloo); returns metrics.jsonl records."""
-    config_path = tmp_path / f"ds_{free_port()}.json"
-    config_path.write_text(json.dumps(ds_config))
+def launch(script: str, *args, num_ranks: int = 2) -> str:
+    """Runs a script of the repository under the DeepSpeed launcher (CPU, gloo); returns its output, or fails
+    the test with it."""
     command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_ranks), "--master_port",
-               str(free_port()), str(REPO / "launch" / "pretrain.py"), "--deepspeed_config", str(config_path),
-               "--out", str(out), "--num-workers", "0", "--log-interval", "2", *map(str, args)]
-    if data is not None:
-        command += ["--data", str(data), "--tokenizer", str(SHAPES / "tokenizer.json")]
+               str(free_port()), str(REPO / script), *map(str, args)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
         raise AssertionError(f"launch failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return read_metrics(out), result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def launch_pretrain(tmp_path: Path, out: Path, ds_config: dict, *args, num_ranks: int = 2, data=None):
+    """Runs launch/pretrain.py under the DeepSpeed launcher (CPU, gloo); returns metrics.jsonl records."""
+    config_path = tmp_path / f"ds_{free_port()}.json"
+    config_path.write_text(json.dumps(ds_config))
+    if data is not None:
+        args = (*args, "--data", data, "--tokenizer", SHAPES / "tokenizer.json")
+    log = launch("launch/pretrain.py", "--deepspeed_config", config_path, "--out", out, "--num-workers", 0,
+                 "--log-interval", 2, *args, num_ranks=num_ranks)
+    return read_metrics(out), log
 
 
 def read_metrics(out: Path) -> list:

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eve_ds.engine import init_distributed, initialize, load_deepspeed_config  # noqa: E402
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
-from eve_ds.pretrain import step_seed  # noqa: E402
+from eve_ds.trainer import step_seed  # noqa: E402
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import torch
 from eve_ds.checkpoint import consolidate, save_pretrained
 from eve_ds.engine import optimizer_param_groups
 from eve_ds.objectives import MaskedSignalModeling
-from eve_ds.pretrain import step_seed
+from eve_ds.trainer import step_seed
 from tests.conftest import REPO, free_port
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard
 

@@ -111,8 +111,10 @@ def make_caption(rng, objects, background):
     return text[0].upper() + text[1:]
 
 
-def make_example(rng, size):
-    """Draw one image and return it with its caption."""
+def make_scene(rng, size):
+    """Draw one image; return it with its scene: {"backgrounds": colour names, "split": "vertical",
+    "horizontal" or None, "background": the caption's phrase, "objects": [{"cell", "shape", "colour",
+    "size"}]}."""
     colour_names = list(COLOURS)
     backgrounds = rng.sample(colour_names, rng.choice([1, 2]))
     image = Image.new("RGB", (size, size), COLOURS[backgrounds[0]])
@@ -127,8 +129,10 @@ def make_example(rng, size):
             first_side, second_side = "at the top", "at the bottom"
         background = (f"a background split into {backgrounds[0]} {first_side} "
                       f"and {backgrounds[1]} {second_side}")
+        split = "vertical" if split_vertically else "horizontal"
     else:
         background = f"a plain {backgrounds[0]} background"
+        split = None
 
     cell_size = size / 3
     shape_colours = [c for c in colour_names if c not in backgrounds]
@@ -142,7 +146,13 @@ def make_example(rng, size):
                   int((cell[0] + 0.5) * cell_size) + rng.randint(-slack, slack))
         draw_shape(draw, obj["shape"], centre, radius, COLOURS[obj["colour"]])
         objects.append(obj)
-    return image, make_caption(rng, objects, background)
+    return image, {"backgrounds": backgrounds, "split": split, "background": background, "objects": objects}
+
+
+def make_example(rng, size):
+    """Draw one image and return it with its caption."""
+    image, scene = make_scene(rng, size)
+    return image, make_caption(rng, scene["objects"], scene["background"])
 
 
 def main():

@@ -34,19 +34,24 @@ def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.fl
     write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
 
 
-def load_pretrained(path, image_size: int = None, max_text_len: int = None) -> tuple:
-    """Returns (state dict, EVEConfig) from a folder written by save_pretrained (tools/consolidate.py).
-    ``image_size`` and ``max_text_len``, where given, change the model's; the position tables follow
-    (``resize_positions``)."""
+def pretrained_config(path) -> EVEConfig:
+    """The model config of a folder written by save_pretrained, without reading its weights."""
     path = Path(path)
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} does not exist (write it with tools/consolidate.py)")
     try:
-        description = json.loads((path / CONFIG).read_text())
-        config = EVEConfig.from_dict(description["model_config"])
+        return EVEConfig.from_dict(json.loads((path / CONFIG).read_text())["model_config"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise ValueError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
+
+
+def load_pretrained(path, image_size: int = None, max_text_len: int = None) -> tuple:
+    """Returns (state dict, EVEConfig) from a folder written by save_pretrained (tools/consolidate.py).
+    ``image_size`` and ``max_text_len``, where given, change the model's; the position tables follow
+    (``resize_positions``)."""
+    path = Path(path)
+    config = pretrained_config(path)
     try:
         state_dict = load_file(str(path / WEIGHTS))
     except (SafetensorError, OSError) as error:

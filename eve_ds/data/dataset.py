@@ -30,8 +30,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def load_image(path, size: int) -> torch.Tensor:
-    """An image file as [3, size, size] in [-1, 1], resized whole (no augmentation)."""
-    return decode_image(Path(path).read_bytes(), size)
+    """An image file as [3, size, size] in [-1, 1], resized whole (no augmentation). Errors name the file."""
+    try:
+        return decode_image(Path(path).read_bytes(), size)
+    except UNREADABLE_IMAGE_ERRORS as error:
+        raise OSError(f"{path}: {error}") from error
 
 
 # The authors' pre-training augmentation for pixel targets: a random crop of 50-100% of the area (aspect

@@ -73,16 +73,20 @@ def retrieval_recall(scores, text_image, ks=(1, 5, 10), text_to_image_scores=Non
 
 def rerank(scores, pair_score, k_test: int = 128):
     """Re-ranks each image's top ``k_test`` texts and each text's top ``k_test`` images by ``pair_score(image
-    indices, text indices) -> scores`` (the matching head); everything outside the top stays below them.
-    Returns (image-to-text scores, text-to-image scores), both [images, texts], for retrieval_recall."""
+    indices, text indices) -> scores`` (the matching head), called once with every pair so that it can batch
+    them and share them out over ranks; everything outside the top stays below them. Returns (image-to-text
+    scores, text-to-image scores), both [images, texts], for retrieval_recall."""
     scores = torch.as_tensor(scores, dtype=torch.float64)
+    images, texts = scores.shape
+    texts_per_image, images_per_text = min(k_test, texts), min(k_test, images)
+    top_texts = scores.topk(texts_per_image, dim=1).indices.reshape(-1)
+    top_images = scores.t().topk(images_per_text, dim=1).indices.reshape(-1)
+    image_indices = torch.cat([torch.arange(images).repeat_interleave(texts_per_image), top_images])
+    text_indices = torch.cat([top_texts, torch.arange(texts).repeat_interleave(images_per_text)])
+    pair_scores = torch.as_tensor(pair_score(image_indices, text_indices), dtype=torch.float64)
+    split = images * texts_per_image
     floor = torch.finfo(torch.float64).min
-    image_to_text = torch.full_like(scores, floor)
-    for image, texts in enumerate(scores.topk(min(k_test, scores.shape[1]), dim=1).indices):
-        image_to_text[image, texts] = torch.as_tensor(pair_score(torch.full_like(texts, image), texts),
-                                                      dtype=torch.float64)
-    text_to_image = torch.full_like(scores, floor)
-    for text, images in enumerate(scores.t().topk(min(k_test, scores.shape[0]), dim=1).indices):
-        text_to_image[images, text] = torch.as_tensor(pair_score(images, torch.full_like(images, text)),
-                                                      dtype=torch.float64)
+    image_to_text, text_to_image = torch.full_like(scores, floor), torch.full_like(scores, floor)
+    image_to_text[image_indices[:split], text_indices[:split]] = pair_scores[:split]
+    text_to_image[image_indices[split:], text_indices[split:]] = pair_scores[split:]
     return image_to_text, text_to_image

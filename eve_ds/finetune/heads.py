@@ -1,0 +1,78 @@
+"""What the fine-tuning task models share: the pre-trained EVE encoder, its loading, and the heads' parts.
+
+Each task model (``vqa.VQAModel``, ``nlvr2.NLVR2Model``, ``retrieval.RetrievalModel``) is EVE plus a head;
+its ``forward(**batch)`` returns a dict with the ``loss`` to back-propagate and its detached parts.
+"""
+import torch
+from torch import nn
+
+from eve_ds.config import EVEConfig
+from eve_ds.model import EVE, ExpertPlacement
+
+
+def classifier(in_features: int, hidden_features: int, num_classes: int) -> nn.Sequential:
+    """The authors' classification head: Linear -> LayerNorm -> GELU -> Linear."""
+    return nn.Sequential(nn.Linear(in_features, hidden_features), nn.LayerNorm(hidden_features), nn.GELU(),
+                         nn.Linear(hidden_features, num_classes))
+
+
+class TaskModel(nn.Module):
+    """EVE (``self.encoder``) plus a task head built by the subclass.
+
+    ``aux_weight`` scales the MoE load-balancing loss added to the task loss; None takes the class's
+    ``default_aux_weight``, and where that is None too, the pre-training weight ``config.aux_loss_weight``.
+    """
+    default_aux_weight = None
+
+    def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):
+        super().__init__()
+        self.config = config
+        self.encoder = EVE(config, placement)
+        if aux_weight is None:
+            aux_weight = self.default_aux_weight if self.default_aux_weight is not None else config.aux_loss_weight
+        self.aux_weight = aux_weight
+
+    def init_head_weights(self):
+        """Initialises every module outside the encoder as EVE initialises its own."""
+        for name, module in self.named_modules():
+            if name in ("", "encoder") or name.startswith("encoder."):
+                continue
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=self.config.init_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None,
+                        placement: ExpertPlacement = None, **head_options) -> "TaskModel":
+        """The task model with its encoder from a consolidated checkpoint folder (tools/consolidate.py) and a
+        freshly initialised head. ``image_size`` and ``max_text_len`` are ``EVE.from_pretrained``'s; with an
+        expert-parallel ``placement`` the encoder keeps only this rank's experts. ``new_parameter_names()``
+        then names what the checkpoint did not hold."""
+        pretrained = EVE.from_pretrained(path, image_size, max_text_len)
+        model = cls(pretrained.config, placement, **head_options)
+        placement = placement or ExpertPlacement(pretrained.config.num_experts)
+        if placement.ep_size == 1:
+            model.encoder = pretrained
+        else:
+            weights = pretrained.state_dict()
+            model.encoder.load_state_dict({name: weights[placement.global_name(name)]
+                                           for name in model.encoder.state_dict()})
+        return model
+
+    def new_parameter_names(self) -> frozenset:
+        """Parameters that pre-training does not provide (the head, projections, temperature): the optimizer
+        gives them the learning-rate multiplier, as the authors do for the keys missing from their checkpoint."""
+        return frozenset(name for name, _ in self.named_parameters() if not name.startswith("encoder."))
+
+    def text_cls(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The text [CLS] state of a joint encoding [CLS_img, patches..., CLS_txt, text...]."""
+        return hidden[:, self.config.num_image_tokens]
+
+    def outputs_with_loss(self, task_loss: torch.Tensor, aux_loss: torch.Tensor, **parts) -> dict:
+        """The output dict: the loss to back-propagate and its detached parts (plus ``parts`` as given)."""
+        return {"loss": task_loss + self.aux_weight * aux_loss, "task_loss": task_loss.detach(),
+                "aux_loss": aux_loss.detach(), **parts}

@@ -1,0 +1,189 @@
+"""The three fine-tuning tasks as the job runs them: where their data is, which model they train, how they are
+evaluated. Evaluation runs on every rank at once (expert parallelism needs every rank in every forward pass):
+each rank takes an equal share of the items, padded where they do not divide, and the results are gathered.
+"""
+import json
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from eve_ds.finetune.data import (NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset,
+                                  read_answer_list, read_karpathy, read_nlvr2, read_vqa)
+from eve_ds.finetune.metrics import accuracy, rerank, retrieval_recall, vqa_accuracy
+from eve_ds.finetune.nlvr2 import NLVR2Model
+from eve_ds.finetune.retrieval import RetrievalModel
+from eve_ds.finetune.vqa import VQAModel
+
+EXAMPLES = Path(__file__).resolve().parent.parent.parent / "data" / "finetune"
+TASKS = ("vqa", "nlvr2", "retrieval")
+MODELS = {"vqa": VQAModel, "nlvr2": NLVR2Model, "retrieval": RetrievalModel}
+# Inputs of the datasets' items that are not the model's.
+NOT_MODEL_INPUTS = ("question_ids", )
+
+
+def add_data_arguments(parser):
+    """Each task's annotation files and image folders; the defaults are the shipped tiny examples."""
+    vqa, nlvr2, retrieval = EXAMPLES / "vqa", EXAMPLES / "nlvr2", EXAMPLES / "retrieval"
+    group = parser.add_argument_group("VQA v2 data (official layout)")
+    group.add_argument("--train-questions", default=str(vqa / "v2_OpenEnded_shapes_train_questions.json"))
+    group.add_argument("--train-annotations", default=str(vqa / "v2_shapes_train_annotations.json"))
+    group.add_argument("--train-images", default=str(vqa / "images/train"), help="image folder of the training split")
+    group.add_argument("--val-questions", default=str(vqa / "v2_OpenEnded_shapes_val_questions.json"))
+    group.add_argument("--val-annotations", default=str(vqa / "v2_shapes_val_annotations.json"),
+                       help="'' for a split without answers (test-dev): tools/evaluate.py then writes the results "
+                            "file for the evaluation server")
+    group.add_argument("--val-images", default=str(vqa / "images/val"))
+    group.add_argument("--answer-list", default=str(vqa / "answer_list.json"), help="JSON list of the answers")
+    group.add_argument("--image-name", default="shapes_{folder}_{image_id:06d}.png",
+                       help="image file name template (COCO: 'COCO_{folder}_{image_id:012d}.jpg')")
+    group = parser.add_argument_group("NLVR2 data (official layout)")
+    group.add_argument("--nlvr2-train", default=str(nlvr2 / "train.json"))
+    group.add_argument("--nlvr2-train-images", default=str(nlvr2 / "images/train"))
+    group.add_argument("--nlvr2-val", default=str(nlvr2 / "dev.json"))
+    group.add_argument("--nlvr2-val-images", default=str(nlvr2 / "images/dev"))
+    group = parser.add_argument_group("retrieval data (Karpathy split JSON)")
+    group.add_argument("--karpathy", default=str(retrieval / "dataset_shapes.json"))
+    group.add_argument("--karpathy-images", default=str(retrieval), help="the folder 'filepath' is relative to")
+    group.add_argument("--eval-split", default="val", choices=("val", "test"))
+
+
+@dataclass
+class Task:
+    name: str
+    train: torch.utils.data.Dataset
+    evaluation: object  # what ``evaluate`` reads: a dataset, or a RetrievalEvalSet
+    problems: Counter
+    head_options: dict
+
+
+def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str = "val") -> Task:
+    """The task's training set and evaluation split (``split``: "val" or, for retrieval, "test")."""
+    if name == "vqa":
+        answers = read_answer_list(args.answer_list)
+        train, train_problems = read_vqa(args.train_questions, args.train_images, args.train_annotations,
+                                         args.image_name)
+        evaluation, val_problems = read_vqa(args.val_questions, args.val_images, args.val_annotations or None,
+                                            args.image_name)
+        train_set = VQADataset(train, answers, tokenizer, image_size, train=True, seed=seed, problems=train_problems)
+        val_set = VQADataset(evaluation, answers, tokenizer, image_size, train=False, problems=val_problems)
+        val_set.answers = answers
+        return Task(name, train_set, val_set, train_set.problems + val_set.problems, {"num_answers": len(answers)})
+    if name == "nlvr2":
+        train, train_problems = read_nlvr2(args.nlvr2_train, args.nlvr2_train_images)
+        evaluation, val_problems = read_nlvr2(args.nlvr2_val, args.nlvr2_val_images)
+        return Task(name, NLVR2Dataset(train, tokenizer, image_size), NLVR2Dataset(evaluation, tokenizer, image_size),
+                    train_problems + val_problems, {})
+    if name == "retrieval":
+        train, train_problems = read_karpathy(args.karpathy, args.karpathy_images, "train")
+        evaluation, val_problems = read_karpathy(args.karpathy, args.karpathy_images, split)
+        return Task(name, RetrievalTrainDataset(train, tokenizer, image_size),
+                    RetrievalEvalSet(evaluation, tokenizer, image_size), train_problems + val_problems, {})
+    raise ValueError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
+
+
+def model_inputs(batch: dict) -> dict:
+    return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
+
+
+def to_device(batch: dict, engine) -> dict:
+    batch = {key: value.to(engine.device) for key, value in batch.items()}
+    if engine.bfloat16_enabled():
+        batch = {key: value.bfloat16() if value.is_floating_point() else value for key, value in batch.items()}
+    return batch
+
+
+def _world() -> tuple:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sharded_map(function, count: int, batch_size: int, device) -> torch.Tensor:
+    """``function(indices) -> [len(indices), ...] tensor`` over range(count), shared out over the ranks in equal
+    numbers of equal batches (the last items repeated where they do not divide); returns every rank's results in
+    order, [count, ...], on every rank."""
+    rank, world_size = _world()
+    share = math.ceil(count / world_size)
+    batches = math.ceil(share / batch_size)
+    indices = torch.arange(rank * share, rank * share + batches * batch_size).clamp(max=count - 1)
+    mine = torch.cat([function(chunk).to(device) for chunk in indices.split(batch_size)])
+    if world_size == 1:
+        return mine[:count]
+    everyone = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(everyone, mine)
+    return torch.cat([part[:share] for part in everyone])[:count]
+
+
+def _collate(dataset, indices) -> dict:
+    return torch.utils.data.default_collate([dataset[int(index)] for index in indices])
+
+
+@torch.no_grad()
+def evaluate(task: Task, engine, batch_size: int, k_test: int = 128) -> dict:
+    """The task's metrics on its evaluation split: VQA accuracy (and the predicted answers), NLVR2 accuracy,
+    retrieval recall at 1/5/10 both ways, with and without re-ranking by the matching head."""
+    model = engine.module
+    was_training = model.training
+    model.eval()
+    try:
+        return _EVALUATORS[task.name](task, model, engine, batch_size, k_test)
+    finally:
+        model.train(was_training)
+
+
+def _predictions(task, model, engine, batch_size) -> torch.Tensor:
+    def predict(indices):
+        batch = _collate(task.evaluation, indices)
+        return model(**to_device(model_inputs({key: value for key, value in batch.items()
+                                               if key not in ("targets", "labels")}), engine))["prediction"]
+    return sharded_map(predict, len(task.evaluation), batch_size, engine.device).cpu()
+
+
+def _evaluate_vqa(task, model, engine, batch_size, k_test) -> dict:
+    dataset = task.evaluation
+    predicted = [dataset.answers[index] for index in _predictions(task, model, engine, batch_size).tolist()]
+    results = [{"question_id": question.question_id, "answer": answer}
+               for question, answer in zip(dataset.questions, predicted)]
+    metrics = {"results": results}
+    if all(question.answers for question in dataset.questions):
+        metrics["vqa_accuracy"] = 100.0 * vqa_accuracy(predicted, [question.answers for question in dataset.questions])
+    return metrics
+
+
+def _evaluate_nlvr2(task, model, engine, batch_size, k_test) -> dict:
+    labels = [example.label for example in task.evaluation.examples]
+    return {"accuracy": 100.0 * accuracy(_predictions(task, model, engine, batch_size), labels)}
+
+
+def _evaluate_retrieval(task, model, engine, batch_size, k_test) -> dict:
+    evaluation, device = task.evaluation, engine.device
+    images = sharded_map(lambda indices: model.image_embeddings(**to_device(
+        {"images": _collate(evaluation.images, indices)["images"]}, engine)), len(evaluation.images), batch_size,
+        device)
+    texts = sharded_map(lambda indices: model.text_embeddings(**to_device(
+        {key: value for key, value in _collate(evaluation.texts, indices).items() if key != "image_ids"}, engine)),
+        len(evaluation.texts), batch_size, device)
+    scores = (images @ texts.t()).cpu()
+    metrics = {f"itc_{key}": value for key, value in retrieval_recall(scores, evaluation.text_image).items()}
+
+    def pair_score(image_indices, text_indices):
+        def score(chunk):
+            image_batch = _collate(evaluation.images, image_indices[chunk])
+            text_batch = _collate(evaluation.texts, text_indices[chunk])
+            return model.match_scores(**to_device({"images": image_batch["images"], "text_ids": text_batch["text_ids"],
+                                                   "text_padding_mask": text_batch["text_padding_mask"]}, engine))
+        return sharded_map(score, len(image_indices), batch_size, device).cpu()
+
+    image_to_text, text_to_image = rerank(scores, pair_score, k_test)
+    metrics.update(retrieval_recall(image_to_text, evaluation.text_image, text_to_image_scores=text_to_image))
+    return metrics
+
+
+_EVALUATORS = {"vqa": _evaluate_vqa, "nlvr2": _evaluate_nlvr2, "retrieval": _evaluate_retrieval}
+
+
+def write_vqa_results(path, results: list):
+    """The file VQA's evaluation server takes: [{"question_id": ..., "answer": ...}, ...]."""
+    Path(path).write_text(json.dumps(results) + "\n")

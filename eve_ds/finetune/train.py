@@ -1,0 +1,301 @@
+"""Fine-tuning EVE for VQA v2, NLVR2 or image-text retrieval with DeepSpeed, from a consolidated eve-ds
+checkpoint or the authors' released weights (tools/convert_released.py), with the authors' recipes as defaults.
+
+    deepspeed --num_gpus 2 launch/finetune.py --task vqa --pretrained runs/eve-tiny/consolidated
+"""
+import argparse
+import json
+from dataclasses import dataclass
+import logging
+import os
+from functools import partial
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.pretrained import pretrained_config as read_pretrained_config
+from eve_ds.checkpoint.training import RunCheckpoints
+from eve_ds.cluster import StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
+from eve_ds.config import PRESETS, ConfigError
+from eve_ds.data import TextTokenizer
+from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
+from eve_ds.finetune.optim import lr_scheduler, param_groups
+from eve_ds.finetune.recipes import recipe
+from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
+                                   write_vqa_results)
+from eve_ds.model.moe import ExpertPlacement
+from eve_ds.trainer import Job, Loop, RunLog, run_summary
+
+logger = logging.getLogger("eve_ds.finetune")
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
+RECIPE_NAMES = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "retrieval-coco"}
+
+
+def parse_args(argv=None, evaluating: bool = False):
+    parser = argparse.ArgumentParser(description="Evaluate a fine-tuned EVE checkpoint." if evaluating else
+                                     "Fine-tune EVE for VQA v2, NLVR2 or image-text retrieval.")
+    parser.add_argument("--task", required=True, choices=TASKS)
+    parser.add_argument("--pretrained", required=True,
+                        help="consolidated weights folder (tools/consolidate.py, tools/convert_released.py import)"
+                             + (": the one the run started from, for its recipe and tokenizer" if evaluating else ""))
+    if evaluating:
+        parser.add_argument("--run", required=True, help="the fine-tuning run folder (its newest complete checkpoint)")
+        parser.add_argument("--results", default=None, help="VQA: write [{question_id, answer}] here")
+    parser.add_argument("--recipe", default=None, help="the authors' recipe to start from (default: the task's; "
+                        "retrieval-flickr for Flickr30K)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer.json (default: the one in --pretrained, else the shipped shapes tokenizer)")
+    parser.add_argument("--out", default=None, help="run folder (default: runs/finetune-<task>)")
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's)")
+    parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--lr-multiplier", type=float, default=None,
+                        help="for the parameters the pre-trained weights do not have (default: the recipe's)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--aux-weight", type=float, default=None, help="MoE load-balancing loss weight "
+                        "(default: the recipe's; VQA 0 as the authors, else the pre-training weight)")
+    parser.add_argument("--k-test", type=int, default=None, help="retrieval: candidates re-ranked by the matching head")
+    parser.add_argument("--eval-batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--save-interval", type=int, default=None, help="default: once per epoch")
+    parser.add_argument("--keep-checkpoints", type=int, default=1)
+    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--auto-resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
+    add_data_arguments(parser)
+    parser = deepspeed.add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    args.deepspeed_config = args.deepspeed_config or str(REPO_ROOT / "ds_configs" / f"finetune_{args.task}.json")
+    args.out = Path(args.out or REPO_ROOT / "runs" / f"finetune-{args.task}")
+    pretrained_tokenizer = Path(args.pretrained) / "tokenizer.json"
+    args.tokenizer = Path(args.tokenizer or (pretrained_tokenizer if pretrained_tokenizer.is_file()
+                                             else REPO_ROOT / "data/shapes/tokenizer.json"))
+    return args
+
+
+def preset_name(config) -> str:
+    """The preset whose size the weights have, for the recipe (eve-base where none has)."""
+    return next((name for name, preset in PRESETS.items() if (preset.hidden_size, preset.num_layers) ==
+                 (config.hidden_size, config.num_layers)), "eve-base")
+
+
+def epoch_batches(size: int, micro_batch: int, rank: int, world_size: int, seed: int, start: int):
+    """Endless micro-batches of (epoch, index) pairs: each epoch shuffles by (seed, epoch), every rank takes an
+    equal strided share (the tail that does not divide is left out), beginning after ``start`` micro-batches."""
+    per_rank = size // world_size // micro_batch * micro_batch
+    if per_rank == 0:
+        raise ConfigError(f"{size} training items give no micro-batch of {micro_batch} on each of {world_size} ranks")
+    epoch, offset = divmod(start, per_rank // micro_batch)
+    while True:
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        mine = order[rank:per_rank * world_size:world_size]
+        for first in range(offset * micro_batch, per_rank, micro_batch):
+            yield [(epoch, index) for index in mine[first:first + micro_batch]]
+        epoch, offset = epoch + 1, 0
+
+
+class EpochItems(torch.utils.data.Dataset):
+    """Items asked for as (epoch, index), so that a dataset's per-epoch randomness (VQA's flips) follows the
+    epoch inside loader workers too."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        epoch, index = item
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+        return self.dataset[index]
+
+
+class FinetuningJob(Job):
+    """A task's loss, and its evaluation after every epoch and at the end."""
+
+    def __init__(self, task, engine, args, steps_per_epoch: int, client_state: dict, k_test: int):
+        self.task, self.engine, self.args = task, engine, args
+        self.steps_per_epoch, self.base_state, self.k_test = steps_per_epoch, client_state, k_test
+        self.loss_names = ("loss", "task_loss", "aux_loss")
+        self.last_metrics = {}
+
+    def inputs(self, batch: dict) -> tuple:
+        return model_inputs(batch), {"samples": batch["text_ids"].shape[0]}
+
+    def step_record(self, step: int, counts: dict, step_time: float) -> dict:
+        if step % self.steps_per_epoch and step != self.args.steps:
+            return {"epoch": step / self.steps_per_epoch}
+        metrics = evaluate(self.task, self.engine, self.args.eval_batch_size, self.k_test)
+        metrics.pop("results", None)
+        self.last_metrics = metrics
+        if dist.get_rank() == 0:
+            logger.info("step %d (epoch %.2f) %s: %s", step, step / self.steps_per_epoch, self.args.eval_split,
+                        "  ".join(f"{key} {value:.2f}" for key, value in metrics.items()))
+        return {"epoch": step / self.steps_per_epoch, **{f"val_{key}": value for key, value in metrics.items()}}
+
+    def client_state(self) -> dict:
+        return self.base_state
+
+
+@dataclass
+class Setup:
+    """What training and evaluation of a task both need."""
+    task: object
+    recipe: object
+    image_size: int
+    global_batch: int
+    lr: float
+    multiplier: float
+    aux_weight: float
+    k_test: int
+    config: object  # the pre-trained model's EVEConfig
+
+
+def start(args) -> Setup:
+    """Distributed start-up, logging, the recipe with the command line's changes, and the task's data."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    set_distributed_env_from_slurm()
+    init_distributed()
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    config = read_pretrained_config(args.pretrained)
+    chosen = recipe(args.recipe or RECIPE_NAMES[args.task], preset_name(config))
+    image_size = args.image_size or chosen.image_size
+    tokenizer = TextTokenizer(args.tokenizer, chosen.max_text_len)
+    tokenizer.check_fits(config.vocab_size, args.pretrained)
+    task = load_task(args.task, args, tokenizer, image_size, args.seed, args.eval_split)
+    if task.problems:
+        logger.warning("data: skipped %s", dict(task.problems))
+    return Setup(task, chosen, image_size, args.batch_size or chosen.global_batch_size, args.lr or chosen.lr,
+                 args.lr_multiplier or chosen.lr_multiplier,
+                 args.aux_weight if args.aux_weight is not None else chosen.aux_weight,
+                 args.k_test or chosen.k_test or 128, config)
+
+
+def main(argv=None, stop: StopRequest = None):
+    stop = stop or StopRequest()
+    args = parse_args(argv)
+    setup = start(args)
+    task, chosen, pretrained_config = setup.task, setup.recipe, setup.config
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    is_main = rank == 0
+    logger.info("task %s: %d training items, %d to evaluate; recipe %s for %s: image %d, global batch %d, lr %g x%g "
+                "for new parameters, %s decay after %.0f%% warmup", args.task, len(task.train),
+                len(task.evaluation.captions) if args.task == "retrieval" else len(task.evaluation),
+                chosen.task, chosen.model, setup.image_size, setup.global_batch, setup.lr, setup.multiplier,
+                chosen.schedule, 100 * chosen.warmup_fraction)
+
+    epochs = args.epochs or chosen.epochs
+    probe_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size,
+                                                      pretrained_config.num_experts, 1, setup.global_batch)
+    micro_batch, accumulation = (probe_config["train_micro_batch_size_per_gpu"],
+                                 probe_config["gradient_accumulation_steps"])
+    steps_per_epoch = len(task.train) // world_size // micro_batch // accumulation
+    if steps_per_epoch == 0:
+        raise ConfigError(f"{len(task.train)} training items give no step of {micro_batch} x {accumulation} on "
+                          f"each of {world_size} ranks")
+    args.steps = epochs * steps_per_epoch
+    ds_config, _ = load_deepspeed_config(args.deepspeed_config, world_size, pretrained_config.num_experts,
+                                         args.steps, setup.global_batch)
+    ds_config["gradient_clipping"] = chosen.grad_clip
+    ds_config.pop("scheduler", None)  # the recipe's schedule below keeps the new parameters' multiplier
+    ds_config.setdefault("optimizer", {"type": "AdamW"})["params"] = {
+        **ds_config["optimizer"].get("params", {}), **chosen.adamw_options(), "lr": setup.lr,
+        "betas": list(chosen.betas)}
+
+    placement = ExpertPlacement.of_global_rank(rank, pretrained_config.num_experts,
+                                               parallelism.expert_parallel_size)
+    torch.manual_seed(args.seed)
+    model = MODELS[args.task].from_pretrained(args.pretrained, setup.image_size, chosen.max_text_len, placement,
+                                              aux_weight=setup.aux_weight, **task.head_options)
+    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
+    groups = param_groups(model, setup.lr, chosen.weight_decay, setup.multiplier)
+    scheduler = partial(lr_scheduler, base_lr=setup.lr, total_steps=args.steps,
+                        warmup_steps=chosen.warmup_steps(args.steps), schedule=chosen.schedule)
+    engine, _ = initialize(model, ds_config, placement, groups, scheduler)
+    logger.info("%d epochs of %d steps; ZeRO stage %d, expert-parallel size %d", epochs, steps_per_epoch,
+                zero_stage(ds_config), parallelism.expert_parallel_size)
+
+    checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
+    resume_tag = checkpoints.newest_verified() if args.resume or args.auto_resume else None
+    if args.resume and resume_tag is None:
+        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints.dir}")
+    start_step = 0
+    if resume_tag is not None:
+        saved = saved_model_config(resume_tag)
+        if saved != model.config:
+            raise ConfigError(f"{resume_tag} was written for another model: {model.config.differences(saved)}")
+        path, saved_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
+        start_step = saved_state["step"]
+        logger.info("resumed from %s at step %d", path, start_step)
+    if is_main:
+        args.out.mkdir(parents=True, exist_ok=True)
+    client_state = {"model_config": model.config.to_dict(), "task": args.task, "head_options": task.head_options,
+                    "seed": args.seed, "deepspeed_config": ds_config}
+    job = FinetuningJob(task, engine, args, steps_per_epoch, client_state, setup.k_test)
+    batches = iter(torch.utils.data.DataLoader(
+        EpochItems(task.train), batch_sampler=epoch_batches(len(task.train), micro_batch, rank, world_size, args.seed,
+                                                            start_step * accumulation),
+        num_workers=args.num_workers, worker_init_fn=ignore_stop_signals))
+    loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,
+                model.config.moe_layers, args.seed, args.save_interval or steps_per_epoch, args.log_interval, stop,
+                f"fine-tuning {args.task}")
+    step_times = loop.run(start_step)
+    summary = run_summary(step_times, engine.device, task=args.task, steps=args.steps, epochs=epochs,
+                          world_size=world_size, **{f"val_{key}": value for key, value in job.last_metrics.items()})
+    if is_main:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.info("done: %s", json.dumps(summary))
+    dist.barrier()
+    return summary
+
+
+def evaluate_run(argv=None) -> dict:
+    """tools/evaluate.py: the newest complete checkpoint of a fine-tuning run on a split, at the run's layout of
+    ranks (its expert-parallel size); prints the metrics in the paper's layout and writes VQA's results file."""
+    args = parse_args(argv, evaluating=True)
+    args.image_size = saved_model_config(Path(args.run) / "checkpoints").image_size  # the resolution it trained at
+    setup = start(args)
+    checkpoints = RunCheckpoints(Path(args.run) / "checkpoints", 0)
+    tag = checkpoints.newest_verified()
+    if tag is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoints.dir}")
+    config = saved_model_config(tag)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
+                                                   setup.global_batch)
+    ds_config.pop("scheduler", None)
+    placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
+    model = MODELS[args.task](config, placement, **setup.task.head_options)
+    engine, _ = initialize(model, ds_config, placement)
+    engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=False,
+                           load_lr_scheduler_states=False, load_module_strict=True)
+    metrics = evaluate(setup.task, engine, args.eval_batch_size, setup.k_test)
+    results = metrics.pop("results", None)
+    if dist.get_rank() == 0:
+        if results is not None and args.results:
+            write_vqa_results(args.results, results)
+            logger.info("wrote %d answers to %s", len(results), args.results)
+        print(paper_layout(args.task, metrics, args.eval_split))
+    dist.barrier()
+    return metrics
+
+
+def paper_layout(task: str, metrics: dict, split: str) -> str:
+    if task == "retrieval":
+        lines = [f"retrieval ({split})   text retrieval R@1 R@5 R@10   image retrieval R@1 R@5 R@10   mean"]
+        for name, prefix in (("dual encoder", "itc_"), ("re-ranked", "")):
+            said = [f"{metrics[f'{prefix}tr_r@{k}']:5.1f}" for k in (1, 5, 10)] + \
+                   [f"{metrics[f'{prefix}ir_r@{k}']:5.1f}" for k in (1, 5, 10)]
+            lines.append(f"{name:>21}   {' '.join(said[:3])}              {' '.join(said[3:])}              "
+                         f"{metrics[f'{prefix}r_mean']:5.1f}")
+        return "\n".join(lines)
+    name, key = ("VQA accuracy", "vqa_accuracy") if task == "vqa" else ("NLVR2 accuracy", "accuracy")
+    if key not in metrics:
+        return f"{name}: no answers in this split (results file written for the evaluation server)"
+    return f"{name} ({split}): {metrics[key]:.2f}"

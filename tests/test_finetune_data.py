@@ -1,0 +1,471 @@
+"""Tests for eve_ds/finetune/data.py (readers of VQA v2, NLVR2 and Karpathy-split files, and their datasets) and
+for the tiny examples that tools/make_finetune_examples.py writes to data/finetune."""
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from eve_ds.data.dataset import load_image
+from eve_ds.data.tokenizer import TextTokenizer
+from eve_ds.finetune.data import (TEXT_LENGTH, CaptionedImage, FinetuneDataError, NLVR2Dataset, NLVR2Example,
+                                  RetrievalEvalSet, RetrievalTrainDataset, VQADataset, VQAQuestion, answer_index,
+                                  build_answer_list, may_flip, read_answer_list, read_karpathy, read_nlvr2,
+                                  read_vqa)
+from eve_ds.finetune.metrics import retrieval_recall
+from tests.conftest import REPO, SHAPES, run_tool
+from tools.make_shapes_dataset import COLOURS
+
+EXAMPLES = REPO / "data" / "finetune"
+EXAMPLE_VQA_IMAGE_NAME = "shapes_{folder}_{image_id:06d}.png"  # as data/finetune/README.md says
+IMAGE_SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TextTokenizer(SHAPES / "tokenizer.json", max_len=TEXT_LENGTH)
+
+
+def write_image(path: Path, left=(200, 30, 30), right=(30, 30, 200), image_format="PNG") -> Path:
+    """A 16-pixel image whose two halves differ, so that a mirrored copy does not equal it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.new("RGB", (16, 16), left)
+    image.paste(right, (8, 0, 16, 16))
+    image.save(path, format=image_format)
+    return path
+
+
+def write_json(path: Path, document) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document), encoding="utf-8")
+    return path
+
+
+def write_lines(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def coco_image(root: Path, image_id: int) -> Path:
+    return write_image(root / f"COCO_{root.name}_{image_id:012d}.jpg", image_format="JPEG")
+
+
+def annotation(question_id: int, answers: list) -> dict:
+    return {"question_id": question_id, "image_id": 0, "answers": [{"answer": a, "answer_id": n}
+                                                                   for n, a in enumerate(answers, 1)]}
+
+
+# ---------------------------------------------------------------- VQA v2
+
+
+def test_read_vqa_joins_questions_with_annotations_and_finds_coco_images(tmp_path):
+    root = tmp_path / "train2014"
+    coco_image(root, 9), coco_image(root, 25)
+    questions = write_json(tmp_path / "questions.json", {"data_subtype": "train2014", "questions": [
+        {"image_id": 9, "question": "What is on the plate?", "question_id": 9000},
+        {"image_id": 25, "question": "How many giraffes?", "question_id": 25000},
+    ]})
+    annotations = write_json(tmp_path / "annotations.json", {"annotations": [
+        annotation(25000, ["2"] * 10), annotation(9000, ["pizza"] * 9 + ["food"])]})
+
+    records, problems = read_vqa(questions, root, annotations)
+
+    assert problems == Counter()
+    assert records == [
+        VQAQuestion(9000, root / "COCO_train2014_000000000009.jpg", "What is on the plate?",
+                    ("pizza", ) * 9 + ("food", )),
+        VQAQuestion(25000, root / "COCO_train2014_000000000025.jpg", "How many giraffes?", ("2", ) * 10),
+    ]
+
+
+def test_read_vqa_without_annotations_reads_test_dev_with_its_own_image_names(tmp_path):
+    write_image(tmp_path / "test" / "img_7.png")
+    questions = write_json(tmp_path / "test-dev.json", {"questions": [
+        {"image_id": 7, "question": "Is it raining?", "question_id": 70}]})
+
+    records, problems = read_vqa(questions, tmp_path / "test", image_name="img_{image_id}.png")
+
+    assert records == [VQAQuestion(70, tmp_path / "test" / "img_7.png", "Is it raining?", ())]
+    assert problems == Counter()
+
+
+def test_answer_list_is_read_normalised_in_its_own_order(tmp_path):
+    path = write_json(tmp_path / "answer_list.json", ["Yes", "no ", "2", "Yes."])
+    answers = read_answer_list(path)
+    assert answers == ["yes", "no", "2", "yes"]  # kept as long as the head it indexes
+    assert answer_index(answers) == {"yes": 0, "no": 1, "2": 2}
+
+
+def test_build_answer_list_keeps_frequent_answers_most_frequent_first():
+    questions = [VQAQuestion(1, Path(), "q", ("Red", "red", "blue", "green")),
+                 VQAQuestion(2, Path(), "q", ("blue", "red.", "yellow", "green"))]
+    assert build_answer_list(questions, min_count=2) == ["red", "blue", "green"]
+    assert build_answer_list(questions, min_count=1) == ["red", "blue", "green", "yellow"]
+
+
+def test_vqa_items_carry_soft_targets_over_the_answer_list(tmp_path, tokenizer):
+    image = write_image(tmp_path / "a.png")
+    answers = ["yes", "no", "2", "maybe", "blue"]
+    question = VQAQuestion(5, image, "Is it red?", ("Yes.", "yes", "yes ", "YES") + ("no", ) * 3 + ("maybe", ) * 2
+                           + ("2", ))
+
+    item = VQADataset([question], answers, tokenizer, IMAGE_SIZE, train=True)[0]
+
+    assert torch.allclose(item["targets"], torch.tensor([1.0, 0.9, 0.3, 0.6, 0.0]))
+    assert item["images"].shape == (3, IMAGE_SIZE, IMAGE_SIZE)
+    assert item["text_ids"].shape == item["text_padding_mask"].shape == (TEXT_LENGTH, )
+    assert item["text_padding_mask"].dtype == torch.bool and item["question_ids"] == 5
+
+
+def test_flip_rule_never_mirrors_a_question_or_answer_naming_a_side(tmp_path, tokenizer):
+    image = write_image(tmp_path / "a.png")
+    questions = [VQAQuestion(1, image, "What is on the left?", ("dog", )),
+                 VQAQuestion(2, image, "Where is the dog?", ("on the Right", )),
+                 VQAQuestion(3, image, "Is the sky bright?", ("yes", ))]  # "bright" names no side
+    dataset = VQADataset(questions, ["dog", "on the right", "yes"], tokenizer, IMAGE_SIZE, train=True, seed=3)
+    unflipped = load_image(image, IMAGE_SIZE)
+    flips = {index: [] for index in range(3)}
+    for epoch in range(16):
+        dataset.set_epoch(epoch)
+        for index in range(3):
+            flips[index].append(dataset.flips(index))
+            expected = unflipped.flip(-1) if flips[index][-1] else unflipped
+            assert torch.equal(dataset[index]["images"], expected)
+
+    assert [may_flip(question) for question in questions] == [False, False, True]
+    assert not any(flips[0]) and not any(flips[1])
+    assert any(flips[2]) and not all(flips[2])
+    dataset.set_epoch(5)
+    assert dataset.flips(2) == flips[2][5]  # drawn from (seed, epoch, index): reproducible
+    evaluation = VQADataset(questions, ["dog", "on the right", "yes"], tokenizer, IMAGE_SIZE, train=False, seed=3)
+    assert not any(evaluation.flips(index) for index in range(3))
+
+
+def test_read_vqa_counts_and_skips_each_kind_of_bad_entry(tmp_path, caplog):
+    root = tmp_path / "val2014"
+    coco_image(root, 1)
+    questions = write_json(tmp_path / "questions.json", {"questions": [
+        {"image_id": 1, "question": "Good?", "question_id": 10},
+        {"image_id": 2, "question": "Image missing?", "question_id": 20},
+        {"image_id": 1, "question_id": 30},  # no question text
+        {"image_id": 1, "question": "Not annotated?", "question_id": 40},
+        {"image_id": 1, "question": "Annotation lacks answers?", "question_id": 50},
+    ]})
+    annotations = write_json(tmp_path / "annotations.json", {"annotations": [
+        annotation(10, ["yes"] * 10), annotation(20, ["no"] * 10), {"question_id": 50, "image_id": 1},
+        annotation(60, ["unasked"] * 10)]})
+
+    with caplog.at_level(logging.WARNING):
+        records, problems = read_vqa(questions, root, annotations)
+
+    assert [record.question_id for record in records] == [10]
+    assert problems == Counter(malformed_entry=2, missing_image=1, question_without_annotation=2,
+                               annotation_without_question=1)
+    assert f"{questions}: entry 3 skipped" in caplog.text
+    assert f"{annotations}: entry 3 skipped" in caplog.text
+
+
+def test_vqa_dataset_counts_answers_outside_the_list(tmp_path, tokenizer):
+    image = write_image(tmp_path / "a.png")
+    questions = [VQAQuestion(1, image, "Colour?", ("red", ) * 8 + ("mauve", "taupe")),
+                 VQAQuestion(2, image, "Breed?", ("corgi", ) * 10)]
+
+    training = VQADataset(questions, ["red", "blue"], tokenizer, IMAGE_SIZE, train=True,
+                          problems=Counter(missing_image=3))
+    evaluation = VQADataset(questions, ["red", "blue"], tokenizer, IMAGE_SIZE, train=False)
+
+    assert [question.question_id for question in training.questions] == [1]
+    assert training.problems == Counter(missing_image=3, answer_not_in_list=3, question_without_known_answer=1)
+    assert len(evaluation) == 2 and evaluation.problems == Counter(answer_not_in_list=3)
+    assert evaluation[1]["targets"].sum() == 0
+    with pytest.raises(FinetuneDataError, match="no question to train on"):
+        VQADataset(questions[1:], ["red"], tokenizer, IMAGE_SIZE, train=True)
+
+
+# ---------------------------------------------------------------- NLVR2
+
+
+def nlvr2_line(identifier, sentence="There are two dogs.", label="True", **fields) -> dict:
+    return {"identifier": identifier, "sentence": sentence, "label": label, **fields}
+
+
+def test_read_nlvr2_finds_pair_images_in_train_directories_and_flat_dev(tmp_path):
+    for name in ("train-10171-0-img0.png", "train-10171-0-img1.png"):
+        write_image(tmp_path / "train" / "53" / name)
+    for name in ("dev-850-0-img0.png", "dev-850-0-img1.png"):
+        write_image(tmp_path / "dev" / name)
+    train = write_lines(tmp_path / "train.json", [nlvr2_line("train-10171-0-0", directory=53),
+                                                   nlvr2_line("train-10171-0-1", "One dog.", "False", directory=53)])
+    dev = write_lines(tmp_path / "dev.json", ["", nlvr2_line("dev-850-0-0", label="False")])
+
+    train_examples, train_problems = read_nlvr2(train, tmp_path / "train")
+    dev_examples, dev_problems = read_nlvr2(dev, tmp_path / "dev")
+
+    folder = tmp_path / "train" / "53"
+    assert train_examples == [
+        NLVR2Example("train-10171-0-0", folder / "train-10171-0-img0.png", folder / "train-10171-0-img1.png",
+                     "There are two dogs.", 1),
+        NLVR2Example("train-10171-0-1", folder / "train-10171-0-img0.png", folder / "train-10171-0-img1.png",
+                     "One dog.", 0),
+    ]
+    assert dev_examples == [NLVR2Example("dev-850-0-0", tmp_path / "dev" / "dev-850-0-img0.png",
+                                         tmp_path / "dev" / "dev-850-0-img1.png", "There are two dogs.", 0)]
+    assert train_problems == dev_problems == Counter()
+
+
+def test_read_nlvr2_counts_and_skips_bad_lines(tmp_path, caplog):
+    for name in ("dev-1-0-img0.png", "dev-1-0-img1.png"):
+        write_image(tmp_path / name)
+    path = write_lines(tmp_path / "dev.json", [
+        nlvr2_line("dev-1-0-0"),
+        "{not json",
+        {"identifier": "dev-1-0-1", "sentence": "No label."},
+        nlvr2_line("dev-1-0-2", label="maybe"),
+        nlvr2_line("dev1"),  # not split-set-pair-sentence
+        nlvr2_line("dev-2-0-0"),  # its images are missing
+    ])
+
+    with caplog.at_level(logging.WARNING):
+        examples, problems = read_nlvr2(path, tmp_path)
+
+    assert [example.identifier for example in examples] == ["dev-1-0-0"]
+    assert problems == Counter(malformed_line=4, missing_image=1)
+    assert f"{path}: line 2 skipped" in caplog.text and f"{path}: line 5 skipped" in caplog.text
+
+
+def test_nlvr2_items_hold_both_images_and_the_label(tmp_path, tokenizer):
+    left, right = write_image(tmp_path / "l.png"), write_image(tmp_path / "r.png", left=(0, 255, 0))
+    item = NLVR2Dataset([NLVR2Example("dev-1-0-0", left, right, "A green image.", 1)], tokenizer, IMAGE_SIZE)[0]
+    assert item["images"].shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert torch.equal(item["images"][0], load_image(left, IMAGE_SIZE))
+    assert torch.equal(item["images"][1], load_image(right, IMAGE_SIZE))
+    assert item["labels"] == 1 and item["text_ids"].shape == (TEXT_LENGTH, )
+
+
+# ---------------------------------------------------------------- Karpathy splits
+
+
+def karpathy_image(filename, split, captions, filepath=None) -> dict:
+    entry = {"filename": filename, "split": split, "sentences": [{"raw": c, "tokens": c.split()} for c in captions]}
+    return entry if filepath is None else {"filepath": filepath, **entry}
+
+
+def test_read_karpathy_coco_takes_restval_as_train(tmp_path):
+    for folder, name in [("train2014", "a.jpg"), ("val2014", "b.jpg"), ("val2014", "c.jpg"), ("val2014", "d.jpg")]:
+        write_image(tmp_path / folder / name, image_format="JPEG")
+    path = write_json(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
+        karpathy_image("a.jpg", "train", ["A cat.", " Another cat. "], "train2014"),
+        karpathy_image("b.jpg", "restval", ["A dog."], "val2014"),
+        karpathy_image("c.jpg", "val", ["A bird."], "val2014"),
+        karpathy_image("d.jpg", "test", ["A fish.", "Some fish."], "val2014"),
+    ]})
+
+    train, problems = read_karpathy(path, tmp_path, "train")
+    test, _ = read_karpathy(path, tmp_path, "test")
+
+    assert train == [CaptionedImage(tmp_path / "train2014" / "a.jpg", ("A cat.", "Another cat.")),
+                     CaptionedImage(tmp_path / "val2014" / "b.jpg", ("A dog.", ))]
+    assert test == [CaptionedImage(tmp_path / "val2014" / "d.jpg", ("A fish.", "Some fish."))]
+    assert problems == Counter()
+
+
+def test_read_karpathy_flickr_and_its_bad_entries(tmp_path, caplog):
+    write_image(tmp_path / "1.jpg"), write_image(tmp_path / "3.jpg"), write_image(tmp_path / "4.jpg")
+    path = write_json(tmp_path / "dataset_flickr30k.json", {"dataset": "flickr30k", "images": [
+        karpathy_image("1.jpg", "test", ["A man runs."]),
+        karpathy_image("2.jpg", "test", ["Its image is missing."]),
+        karpathy_image("3.jpg", "test", []),
+        {"filename": "4.jpg", "split": "test", "sentences": [{"tokens": ["no", "raw"]}, {"raw": "A boat."}]},
+        {"split": "test", "sentences": [{"raw": "No file name."}]},
+        karpathy_image("5.jpg", "train", ["Another split: not read, not checked."]),
+    ]})
+
+    with caplog.at_level(logging.WARNING):
+        images, problems = read_karpathy(path, tmp_path, "test")
+
+    assert images == [CaptionedImage(tmp_path / "1.jpg", ("A man runs.", )),
+                      CaptionedImage(tmp_path / "4.jpg", ("A boat.", ))]
+    assert problems == Counter(missing_image=1, image_without_captions=1, malformed_entry=2)
+    assert f"{path}: image 4 sentence 1 skipped" in caplog.text and f"{path}: image 5 skipped" in caplog.text
+
+
+def test_retrieval_datasets_pair_captions_with_their_images(tmp_path, tokenizer):
+    images = [CaptionedImage(write_image(tmp_path / "a.png"), ("A red square.", "Red.")),
+              CaptionedImage(write_image(tmp_path / "b.png", left=(0, 0, 0)), ("A black one.", )),
+              CaptionedImage(write_image(tmp_path / "c.png", left=(9, 9, 9)), ("Grey.", "Dark.", "Gray."))]
+
+    train = RetrievalTrainDataset(images, tokenizer, IMAGE_SIZE)
+    evaluation = RetrievalEvalSet(images, tokenizer, IMAGE_SIZE, problems=Counter(missing_image=1))
+
+    assert len(train) == 6 and [train[i]["image_ids"] for i in range(6)] == [0, 0, 1, 2, 2, 2]
+    assert torch.equal(train[2]["images"], load_image(images[1].image_path, IMAGE_SIZE))
+    assert evaluation.text_image.tolist() == [0, 0, 1, 2, 2, 2]
+    assert evaluation.captions[3] == "Grey." and evaluation.problems == Counter(missing_image=1)
+    assert len(evaluation.images) == 3 and evaluation.images[2]["image_ids"] == 2
+    assert [evaluation.texts[t]["image_ids"] for t in range(6)] == [0, 0, 1, 2, 2, 2]
+    assert evaluation.texts[0]["text_ids"].shape == (TEXT_LENGTH, )
+    perfect = (torch.arange(3)[:, None] == evaluation.text_image[None, :]).float()
+    assert retrieval_recall(perfect, evaluation.text_image, ks=(1, ))["r_mean"] == 100.0
+
+
+# ---------------------------------------------------------------- files that are missing or not in the layout
+
+
+def test_each_reader_names_a_missing_or_foreign_file(tmp_path):
+    vqa_questions = write_json(tmp_path / "questions.json", {"questions": [{"image_id": 1, "question": "Q?",
+                                                                           "question_id": 1}]})
+    nlvr2 = write_lines(tmp_path / "dev.json", [nlvr2_line("dev-1-0-0")])
+    karpathy = write_json(tmp_path / "dataset_coco.json", {"images": []})
+    pretty_json = tmp_path / "pretty.json"
+    pretty_json.write_text(json.dumps({"questions": []}, indent=1))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    missing = tmp_path / "missing.json"
+    attempts = [
+        (missing, lambda: read_vqa(missing, tmp_path)),
+        (nlvr2, lambda: read_vqa(nlvr2, tmp_path)),  # JSON lines, not one JSON document
+        (karpathy, lambda: read_vqa(karpathy, tmp_path)),  # no "questions" list
+        (vqa_questions, lambda: read_vqa(vqa_questions, tmp_path, annotations_path=vqa_questions)),
+        (binary, lambda: read_vqa(binary, tmp_path)),
+        (missing, lambda: read_nlvr2(missing, tmp_path)),
+        (pretty_json, lambda: read_nlvr2(pretty_json, tmp_path)),  # no line is an NLVR2 example
+        (binary, lambda: read_nlvr2(binary, tmp_path)),
+        (missing, lambda: read_karpathy(missing, tmp_path, "test")),
+        (vqa_questions, lambda: read_karpathy(vqa_questions, tmp_path, "test")),
+        (missing, lambda: read_answer_list(missing)),
+        (vqa_questions, lambda: read_answer_list(vqa_questions)),
+    ]
+    for path, attempt in attempts:
+        with pytest.raises(FinetuneDataError) as error:
+            attempt()
+        assert isinstance(error.value, ValueError) and str(path) in str(error.value)
+
+
+def test_a_split_whose_images_are_all_missing_points_at_the_image_folder(tmp_path):
+    path = write_lines(tmp_path / "dev.json", [nlvr2_line("dev-1-0-0")])
+    with pytest.raises(FinetuneDataError, match="is the image folder right"):
+        read_nlvr2(path, tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match="split 'restval'"):
+        read_karpathy(path, tmp_path, "restval")
+
+
+# ---------------------------------------------------------------- the shipped tiny examples
+
+
+def read_examples(task_split: str):
+    vqa = EXAMPLES / "vqa"
+    if task_split in ("train", "val"):
+        return read_vqa(vqa / f"v2_OpenEnded_shapes_{task_split}_questions.json", vqa / "images" / task_split,
+                        vqa / f"v2_shapes_{task_split}_annotations.json", image_name=EXAMPLE_VQA_IMAGE_NAME)
+    return read_vqa(vqa / "v2_OpenEnded_shapes_test-dev_questions.json", vqa / "images" / "test",
+                    image_name=EXAMPLE_VQA_IMAGE_NAME)
+
+
+def pixels(path: Path) -> tuple:
+    """(the image as RGB, its width)."""
+    with Image.open(path) as image:
+        return image.convert("RGB"), image.size[0]
+
+
+def shape_colour_present(path: Path, colour: str) -> bool:
+    """Whether a shape of that colour is drawn: shapes never touch the first row and column, so the colours
+    there are the background's (both halves of a two-tone one), and shapes are never the background's colour."""
+    image, size = pixels(path)
+    background = {image.getpixel((x, 0)) for x in range(size)} | {image.getpixel((0, y)) for y in range(size)}
+    return any(count >= 4 and rgb == COLOURS[colour] and rgb not in background
+               for count, rgb in image.getcolors(size * size))
+
+
+def test_shipped_examples_read_back_without_problems(tokenizer):
+    answers = read_answer_list(EXAMPLES / "vqa" / "answer_list.json")
+    for split, train in (("train", True), ("val", False), ("test", False)):
+        questions, problems = read_examples(split)
+        dataset = VQADataset(questions, answers, tokenizer, 96, train=train, problems=problems)
+        assert dataset.problems == Counter() and len(dataset) == len(questions) == {"train": 144}.get(split, 48)
+    assert all(question.answers == () for question in read_examples("test")[0])
+    for split, pairs in (("train", 24), ("dev", 8), ("test1", 8)):
+        examples, problems = read_nlvr2(EXAMPLES / "nlvr2" / f"{split}.json", EXAMPLES / "nlvr2" / "images" / split)
+        assert problems == Counter() and len(examples) == 2 * pairs
+        assert sum(example.label for example in examples) == pairs  # balanced
+    for split, count in (("train", 64), ("val", 16), ("test", 16)):
+        images, problems = read_karpathy(EXAMPLES / "retrieval" / "dataset_shapes.json", EXAMPLES / "retrieval", split)
+        assert problems == Counter() and len(images) == count
+        assert all(len(set(image.captions)) == 5 for image in images)
+    item = VQADataset(read_examples("val")[0], answers, tokenizer, 96, train=False)[0]
+    assert item["images"].shape == (3, 96, 96) and 0 < item["targets"].max() <= 1
+
+
+def test_shipped_vqa_answers_are_true_of_the_images():
+    checked = Counter()
+    for split in ("train", "val"):
+        for question in read_examples(split)[0]:
+            answer = Counter(question.answers).most_common(1)[0][0]
+            image, size = pixels(question.image_path)
+            corner = {"background": (0, 0), "left half": (0, 0), "top half": (0, 0), "right half": (size - 1, 0),
+                      "bottom half": (0, size - 1)}  # the outer rows and columns are never under a shape
+            for part, pixel in corner.items():
+                if question.question == f"What color is the {part} of the background?":
+                    assert image.getpixel(pixel) == COLOURS[answer], (question, part)
+                    checked["background"] += 1
+            if question.question.startswith("What color is the") and "background" not in question.question:
+                assert shape_colour_present(question.image_path, answer), question
+                checked["shape colour"] += 1
+            if question.question.startswith("What shape is "):
+                assert shape_colour_present(question.image_path, question.question[len("What shape is "):-1]), question
+                checked["colour of a shape"] += 1
+    assert min(checked.values()) >= 5 and len(checked) == 3
+
+
+def test_shipped_nlvr2_statements_are_true_of_the_pairs():
+    checked = Counter()
+    for split in ("train", "dev", "test1"):
+        for example in read_nlvr2(EXAMPLES / "nlvr2" / f"{split}.json", EXAMPLES / "nlvr2" / "images" / split)[0]:
+            pair = (example.left_image_path, example.right_image_path)
+            if example.sentence == "Both images have a plain background.":
+                plain = []
+                for path in pair:
+                    image, size = pixels(path)
+                    corners = (0, 0), (size - 1, 0), (0, size - 1)
+                    plain.append(len({image.getpixel(corner) for corner in corners}) == 1)
+                assert all(plain) == bool(example.label), example
+                checked["plain"] += 1
+            if example.sentence.startswith("Both images contain a"):
+                colour = example.sentence.split()[-2]
+                assert all(shape_colour_present(path, colour) for path in pair) == bool(example.label), example
+                checked["colour"] += 1
+    assert len(checked) == 2 and sum(checked.values()) >= 5
+
+
+def test_shipped_vqa_questions_about_sides_never_flip(tokenizer):
+    questions, _ = read_examples("train")
+    answers = read_answer_list(EXAMPLES / "vqa" / "answer_list.json")
+    dataset = VQADataset(questions, answers, tokenizer, 96, train=True)
+    sided = [index for index, question in enumerate(dataset.questions) if not may_flip(question)]
+    assert len(sided) >= 10 and any("left" in dataset.questions[index].question for index in sided)
+    for epoch in range(4):
+        dataset.set_epoch(epoch)
+        assert not any(dataset.flips(index) for index in sided)
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name != "README.md"}
+
+
+def test_generator_reproduces_the_shipped_examples(tmp_path):
+    result = run_tool("make_finetune_examples.py", "--out", tmp_path, "--seed", 0)
+    assert result.returncode == 0, result.stderr
+    assert folder_bytes(tmp_path) == folder_bytes(EXAMPLES)
+
+
+def test_scene_refactor_keeps_the_shipped_shapes_data(tmp_path):
+    result = run_tool("make_shapes_dataset.py", "--out", tmp_path, "--count", 6, "--size", 96, "--seed", 0)
+    assert result.returncode == 0, result.stderr
+    shipped = (SHAPES / "manifest.jsonl").read_text(encoding="utf-8").splitlines()[:6]
+    assert (tmp_path / "manifest.jsonl").read_text(encoding="utf-8").splitlines() == shipped
+    for index in range(6):
+        assert (tmp_path / f"images/{index:06d}.png").read_bytes() == (SHAPES / f"images/{index:06d}.png").read_bytes()

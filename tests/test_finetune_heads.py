@@ -1,0 +1,279 @@
+"""The fine-tuning task models on eve-tiny with random weights: outputs, losses by hand, hard negatives,
+training on a fixed batch, loading from a consolidated checkpoint, and retrieval over 2 ranks."""
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eve_ds.checkpoint.pretrained import save_pretrained
+from eve_ds.config import preset
+from eve_ds.finetune.metrics import rerank, retrieval_recall
+from eve_ds.finetune.nlvr2 import NLVR2Model
+from eve_ds.finetune.optim import param_groups
+from eve_ds.finetune.retrieval import (RetrievalModel, contrastive_loss, gather_with_grad, sample_hard_negatives)
+from eve_ds.finetune.vqa import VQAModel
+from eve_ds.model import ExpertPlacement
+from eve_ds.objectives import MaskedSignalModeling
+from tests.conftest import free_port
+
+# Small images and texts keep each pass to a few milliseconds. A capacity factor of num_experts keeps every
+# route (no drops), so that passes of different sizes compute the same per-sample outputs.
+CONFIG = preset("eve-tiny").replace(image_size=32, max_text_len=12, capacity_factor=4.0, eval_capacity_factor=4.0)
+
+
+def images(size, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(size, 3, CONFIG.image_size, CONFIG.image_size, generator=generator) * 2 - 1
+
+
+def texts(size, seed=0):
+    generator = torch.Generator().manual_seed(seed + 1)
+    text_ids = torch.randint(5, CONFIG.vocab_size, (size, CONFIG.max_text_len), generator=generator)
+    padding_mask = torch.ones(size, CONFIG.max_text_len, dtype=torch.bool)
+    padding_mask[0, CONFIG.max_text_len // 2:] = False
+    return text_ids, padding_mask
+
+
+def vqa_batch(size=3, num_answers=7):
+    text_ids, padding_mask = texts(size)
+    targets = torch.zeros(size, num_answers)
+    targets[0, 1], targets[1, [2, 3]], targets[2, 6] = 1.0, torch.tensor([0.3, 0.9]), 0.6
+    return dict(images=images(size), text_ids=text_ids, text_padding_mask=padding_mask, targets=targets)
+
+
+def nlvr2_batch(size=3):
+    text_ids, padding_mask = texts(size)
+    pairs = images(2 * size).view(size, 2, 3, CONFIG.image_size, CONFIG.image_size)
+    return dict(images=pairs, text_ids=text_ids, text_padding_mask=padding_mask, labels=torch.tensor([0, 1, 1])[:size])
+
+
+def retrieval_batch():
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 3])  # two captions of image 0 and of image 2
+    text_ids, padding_mask = texts(len(image_ids))
+    return dict(images=images(4)[image_ids], text_ids=text_ids, text_padding_mask=padding_mask, image_ids=image_ids)
+
+
+def test_vqa_logits_and_loss_by_hand():
+    torch.manual_seed(0)
+    model = VQAModel(CONFIG, num_answers=7).eval()
+    batch = vqa_batch()
+    out = model(**batch)
+    assert out["logits"].shape == (3, 7) and out["prediction"].tolist() == out["logits"].argmax(-1).tolist()
+
+    hidden, _ = model.encoder(batch["images"], batch["text_ids"], batch["text_padding_mask"])
+    logits = model.head(hidden[:, CONFIG.num_image_tokens])
+    torch.testing.assert_close(out["logits"], logits)
+    probabilities, targets = torch.sigmoid(logits), batch["targets"]
+    bce = -(targets * probabilities.log() + (1 - targets) * (1 - probabilities).log())
+    torch.testing.assert_close(out["task_loss"], bce.sum(dim=1).mean())
+    assert out["loss"] == out["task_loss"] and out["aux_loss"] > 0  # VQA leaves the MoE loss out by default
+
+    weighted = VQAModel(CONFIG, num_answers=7, aux_weight=0.5).eval()
+    out = weighted(**batch)
+    torch.testing.assert_close(out["loss"], out["task_loss"] + 0.5 * out["aux_loss"])
+    assert set(weighted(**{k: v for k, v in batch.items() if k != "targets"})) == {"logits", "prediction"}
+
+
+def test_nlvr2_one_pass_gives_the_logits_of_two_passes():
+    torch.manual_seed(0)
+    model = NLVR2Model(CONFIG).eval()
+    batch = nlvr2_batch()
+    out = model(**batch)
+    assert out["logits"].shape == (3, 2) and out["prediction"].shape == (3, )
+
+    cls_states = [model.encoder(batch["images"][:, side], batch["text_ids"], batch["text_padding_mask"])[0]
+                  [:, CONFIG.num_image_tokens] for side in (0, 1)]
+    torch.testing.assert_close(out["logits"], model.head(torch.cat(cls_states, dim=-1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["task_loss"], F.cross_entropy(out["logits"], batch["labels"]), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(out["loss"], out["task_loss"] + CONFIG.aux_loss_weight * out["aux_loss"])
+
+
+def test_contrastive_loss_spreads_targets_over_pairs_of_one_image():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 5, generator=generator) * 3
+    image_ids = torch.tensor([4, 4, 7, 7, 9])
+    total = 0.0
+    for matrix in (logits, logits.t()):
+        for row in range(5):
+            positives = [col for col in range(5) if image_ids[col] == image_ids[row]]
+            log_normaliser = math.log(sum(math.exp(matrix[row, col]) for col in range(5)))
+            total += -sum(matrix[row, col].item() - log_normaliser for col in positives) / len(positives) / 5
+    torch.testing.assert_close(contrastive_loss(logits, image_ids), torch.tensor(total / 2))
+    # With distinct images it is the usual symmetric InfoNCE.
+    distinct = torch.arange(5)
+    expected = (F.cross_entropy(logits, distinct) + F.cross_entropy(logits.t(), distinct)) / 2
+    torch.testing.assert_close(contrastive_loss(logits, distinct), expected)
+
+
+def test_hard_negatives_never_show_the_same_image_and_follow_the_seed():
+    image_ids = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4])
+    positives = image_ids[:, None] == image_ids[None, :]
+    logits = torch.randn(8, 8) * 20
+    logits[positives] += 100  # positives dominate the softmax: negatives must still be drawn, never positives
+    for _ in range(50):
+        texts_for_images, images_for_texts = sample_hard_negatives(logits, image_ids, slice(2, 8))
+        assert texts_for_images.shape == images_for_texts.shape == (6, )
+        assert (image_ids[texts_for_images] != image_ids[2:]).all()
+        assert (image_ids[images_for_texts] != image_ids[2:]).all()
+    torch.manual_seed(3)
+    first = sample_hard_negatives(logits, image_ids, slice(0, 8))
+    torch.manual_seed(3)
+    assert all(torch.equal(a, b) for a, b in zip(first, sample_hard_negatives(logits, image_ids, slice(0, 8))))
+    # The harder a negative, the more often it is drawn.
+    scores = torch.tensor([[0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    draws = torch.stack([sample_hard_negatives(scores, torch.arange(3), slice(0, 1))[0] for _ in range(200)])
+    assert (draws == 1).float().mean() > 0.9
+    with pytest.raises(ValueError, match="two different images"):
+        sample_hard_negatives(logits[:2, :2], image_ids[:2], slice(0, 2))
+
+
+def test_retrieval_outputs_and_evaluation_helpers():
+    torch.manual_seed(0)
+    model = RetrievalModel(CONFIG).eval()
+    batch = retrieval_batch()
+    out = model(**batch)
+    assert out["itm_logits"].shape == (18, 2)
+    torch.testing.assert_close(out["task_loss"], out["itc_loss"] + out["itm_loss"])
+    torch.testing.assert_close(out["loss"], out["task_loss"] + CONFIG.aux_loss_weight * out["aux_loss"])
+    assert out["temperature"] == pytest.approx(0.07)
+
+    image_embeddings = model.image_embeddings(batch["images"][:4])
+    text_embeddings = model.text_embeddings(batch["text_ids"], batch["text_padding_mask"])
+    assert image_embeddings.shape == (4, CONFIG.hidden_size) and text_embeddings.shape == (6, CONFIG.hidden_size)
+    torch.testing.assert_close(text_embeddings.norm(dim=-1), torch.ones(6))
+    # The ITC logits are the cosine similarities over the temperature.
+    itc = contrastive_loss(model.image_embeddings(batch["images"]) @ text_embeddings.t() / 0.07, batch["image_ids"])
+    torch.testing.assert_close(out["itc_loss"], itc, rtol=1e-5, atol=1e-5)
+
+    scores = model.match_scores(batch["images"][:2], batch["text_ids"][:2], batch["text_padding_mask"][:2])
+    assert scores.shape == (2, )
+    unique_images = images(4)
+    pair_score = model.pair_scorer(unique_images, batch["text_ids"], batch["text_padding_mask"], batch_size=4)
+    image_to_text, text_to_image = rerank(image_embeddings @ text_embeddings.t(), pair_score, k_test=3)
+    best = int(image_to_text[0].argmax())  # image 0's top text after re-ranking carries its matching score
+    assert image_to_text[0, best] == pytest.approx(model.match_scores(
+        unique_images[:1], batch["text_ids"][best:best + 1], batch["text_padding_mask"][best:best + 1]).item(),
+        abs=1e-5)
+    recall = retrieval_recall(image_to_text, batch["image_ids"], text_to_image_scores=text_to_image)
+    assert 0 <= recall["r_mean"] <= 100
+
+
+def test_temperature_is_clamped():
+    model = RetrievalModel(CONFIG)
+    with torch.no_grad():
+        model.temperature.fill_(1e-5)
+    torch.manual_seed(0)
+    assert model(**retrieval_batch())["temperature"] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize("build, batch", [(lambda: VQAModel(CONFIG, num_answers=7), vqa_batch),
+                                          (lambda: NLVR2Model(CONFIG), nlvr2_batch),
+                                          (lambda: RetrievalModel(CONFIG), retrieval_batch)],
+                         ids=["vqa", "nlvr2", "retrieval"])
+def test_a_few_steps_lower_the_loss_on_a_fixed_batch(build, batch):
+    torch.manual_seed(0)
+    model, inputs = build(), batch()
+    optimizer = torch.optim.AdamW(param_groups(model, lr=1e-4, weight_decay=0.01))
+
+    def loss():
+        torch.manual_seed(1)  # the same gate sampling and hard negatives at every measurement
+        return model(**inputs)["loss"]
+
+    first = loss().item()
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss().backward()
+        optimizer.step()
+    # Retrieval learns slowest: noise images leave the matching head little to tell pairs apart by.
+    assert loss().item() < 0.95 * first
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A consolidated folder as tools/consolidate.py writes it: the pre-training model's weights and config."""
+    folder = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(5)
+    pretrained = MaskedSignalModeling(CONFIG)
+    save_pretrained(folder, pretrained.state_dict(), CONFIG)
+    weights = pretrained.state_dict()
+    return folder, {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}
+
+
+@pytest.mark.parametrize("cls, options, head", [
+    (VQAModel, {"num_answers": 5}, {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "head.3.weight",
+                                    "head.3.bias"}),
+    (NLVR2Model, {}, {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "head.3.weight", "head.3.bias"}),
+    (RetrievalModel, {}, {"image_projection.weight", "text_projection.weight", "temperature", "itm_head.weight",
+                          "itm_head.bias"}),
+], ids=["vqa", "nlvr2", "retrieval"])
+def test_from_pretrained_loads_the_encoder_and_reports_the_head_as_new(checkpoint, cls, options, head):
+    folder, encoder_weights = checkpoint
+    model = cls.from_pretrained(folder, **options)
+    assert model.new_parameter_names() == head
+    for name, tensor in model.encoder.state_dict().items():
+        assert torch.equal(tensor, encoder_weights[name]), name
+    groups = param_groups(model, lr=1e-4, weight_decay=0.01, lr_multiplier=10)
+    scaled = {id(p) for g in groups if g["lr_scale"] == 10 for p in g["params"]}
+    assert scaled == {id(p) for n, p in model.named_parameters() if n in head}
+
+
+def test_from_pretrained_at_another_resolution_and_with_a_share_of_the_experts(checkpoint):
+    folder, encoder_weights = checkpoint
+    model = VQAModel.from_pretrained(folder, image_size=48, max_text_len=8, num_answers=5)
+    assert model.config.image_size == 48 and model.encoder.image_pos.shape[1] == 10
+    assert model.encoder.text_pos.shape[1] == 8
+
+    placement = ExpertPlacement(CONFIG.num_experts, ep_size=2, ep_rank=1)
+    model = RetrievalModel.from_pretrained(folder, placement=placement)
+    local = model.encoder.state_dict()
+    expert = "blocks.2.ffn.deepspeed_moe.experts.deepspeed_experts.{}.fc1.weight"
+    assert expert.format(2) not in local
+    assert torch.equal(local[expert.format(0)], encoder_weights[expert.format(2)])
+    assert torch.equal(local[expert.format(1)], encoder_weights[expert.format(3)])
+
+
+def _retrieval_rank(rank, port, features, image_ids, result_path):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        local = slice(rank * 3, rank * 3 + 3)
+        weight = torch.nn.Parameter(torch.eye(4))
+        image_features = gather_with_grad(features[0][local] @ weight)
+        text_features = gather_with_grad(features[1][local] @ weight)
+        loss = contrastive_loss(image_features @ text_features.t() / 0.1, image_ids)
+        loss.backward()
+        torch.distributed.all_reduce(weight.grad)  # data parallelism averages the ranks' gradients
+
+        torch.manual_seed(0)
+        model = RetrievalModel(CONFIG).eval()
+        out = model(**{key: value[local] for key, value in retrieval_batch().items()})
+        out["loss"].backward()
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grad": weight.grad / 2, "itc_loss": out["itc_loss"],
+                        "itm_logits": out["itm_logits"]}, result_path)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_retrieval_over_two_ranks_matches_one_process(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    features = (torch.randn(6, 4, generator=generator), torch.randn(6, 4, generator=generator))
+    image_ids = torch.tensor([0, 0, 1, 2, 3, 3])
+    torch.multiprocessing.spawn(_retrieval_rank, args=(free_port(), features, image_ids, tmp_path / "rank0.pt"),
+                                nprocs=2)
+    weight = torch.nn.Parameter(torch.eye(4))
+    loss = contrastive_loss((features[0] @ weight) @ (features[1] @ weight).t() / 0.1, image_ids)
+    loss.backward()
+    result = torch.load(tmp_path / "rank0.pt")
+    torch.testing.assert_close(result["loss"], loss.detach())
+    torch.testing.assert_close(result["grad"], weight.grad)
+
+    # The model's contrastive loss on two ranks of three pairs is that of one process with all six.
+    torch.manual_seed(0)
+    whole = RetrievalModel(CONFIG).eval()(**retrieval_batch())
+    torch.testing.assert_close(result["itc_loss"], whole["itc_loss"], rtol=1e-5, atol=1e-5)
+    assert result["itm_logits"].shape == (9, 2)

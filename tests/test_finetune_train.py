@@ -1,0 +1,50 @@
+"""The fine-tuning job's own rules, without launches (tests/test_finetune_jobs.py launches it)."""
+from collections import Counter
+
+import pytest
+import torch
+
+from eve_ds.config import PRESETS
+from eve_ds.data import TextTokenizer
+from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
+from eve_ds.finetune.train import epoch_batches, paper_layout, parse_args, preset_name
+from tests.conftest import SHAPES
+
+
+def take(batches, count):
+    return [next(batches) for _ in range(count)]
+
+
+def test_epoch_batches_share_each_epoch_out_equally_and_resume_mid_epoch():
+    size, micro_batch, world_size = 23, 3, 2  # 11 per rank, 9 in whole micro-batches
+    ranks = [take(epoch_batches(size, micro_batch, rank, world_size, seed=4, start=0), 6) for rank in range(2)]
+    epoch0 = [index for rank in ranks for batch in rank[:3] for epoch, index in batch]
+    assert len(epoch0) == len(set(epoch0)) == 18 and all(epoch == 0 for rank in ranks for b in rank[:3] for epoch, _ in b)
+    assert all(epoch == 1 for rank in ranks for batch in rank[3:] for epoch, _ in batch)
+    assert take(epoch_batches(size, micro_batch, 1, world_size, seed=4, start=4), 2) == ranks[1][4:6]
+    with pytest.raises(ValueError, match="no micro-batch"):
+        next(epoch_batches(5, 3, 0, 2, seed=0, start=0))
+
+
+def test_each_tasks_tiny_example_loads_without_problems():
+    args = parse_args(["--task", "vqa", "--pretrained", "unused"])
+    tokenizer = TextTokenizer(SHAPES / "tokenizer.json", 40)
+    for task_name in TASKS:
+        task = load_task(task_name, args, tokenizer, 32, seed=0)
+        assert not task.problems, task_name
+        item = task.train[0]
+        assert item["text_ids"].shape == (40, ) and item["images"].shape[-2:] == (32, 32)
+
+
+def test_sharded_map_in_one_process_keeps_the_order():
+    assert torch.equal(sharded_map(lambda indices: indices * 2, 7, 3, "cpu"), torch.arange(7) * 2)
+
+
+def test_recipes_follow_the_size_of_the_weights_and_metrics_print_as_in_the_paper():
+    assert preset_name(PRESETS["eve-large"]) == "eve-large" and preset_name(PRESETS["eve-tiny"]) == "eve-tiny"
+    assert paper_layout("nlvr2", {"accuracy": 81.25}, "val") == "NLVR2 accuracy (val): 81.25"
+    recalls = Counter({f"{prefix}{direction}_r@{k}": 10.0 * k for prefix in ("", "itc_") for direction in ("tr", "ir")
+                       for k in (1, 5, 10)})
+    recalls.update({"r_mean": 53.3, "itc_r_mean": 53.3})
+    table = paper_layout("retrieval", recalls, "test")
+    assert "dual encoder" in table and table.count("100.0") == 4
