@@ -59,6 +59,8 @@ def parse_args(argv=None, evaluating: bool = False):
                         "(default: the recipe's; VQA 0 as the authors, else the pre-training weight)")
     parser.add_argument("--k-test", type=int, default=None, help="retrieval: candidates re-ranked by the matching head")
     parser.add_argument("--eval-batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--eval-before", action="store_true",
+                        help="evaluate once before training too (step 0 in metrics.jsonl)")
     parser.add_argument("--save-interval", type=int, default=None, help="default: once per epoch")
     parser.add_argument("--keep-checkpoints", type=int, default=1)
     parser.add_argument("--log-interval", type=int, default=10)
@@ -131,13 +133,17 @@ class FinetuningJob(Job):
     def step_record(self, step: int, counts: dict, step_time: float) -> dict:
         if step % self.steps_per_epoch and step != self.args.steps:
             return {"epoch": step / self.steps_per_epoch}
+        return {"epoch": step / self.steps_per_epoch,
+                **{f"val_{key}": value for key, value in self.evaluate(step).items()}}
+
+    def evaluate(self, step: int) -> dict:
         metrics = evaluate(self.task, self.engine, self.args.eval_batch_size, self.k_test)
         metrics.pop("results", None)
         self.last_metrics = metrics
         if dist.get_rank() == 0:
             logger.info("step %d (epoch %.2f) %s: %s", step, step / self.steps_per_epoch, self.args.eval_split,
                         "  ".join(f"{key} {value:.2f}" for key, value in metrics.items()))
-        return {"epoch": step / self.steps_per_epoch, **{f"val_{key}": value for key, value in metrics.items()}}
+        return metrics
 
     def client_state(self) -> dict:
         return self.base_state
@@ -243,7 +249,10 @@ def main(argv=None, stop: StopRequest = None):
         EpochItems(task.train), batch_sampler=epoch_batches(len(task.train), micro_batch, rank, world_size, args.seed,
                                                             start_step * accumulation),
         num_workers=args.num_workers, worker_init_fn=ignore_stop_signals))
-    loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,
+    run_log = RunLog(args.out, is_main, start_step)
+    if args.eval_before and start_step == 0:
+        run_log.write({"step": 0, **{f"val_{key}": value for key, value in job.evaluate(0).items()}})
+    loop = Loop(engine, job, batches, checkpoints, run_log, args.steps, accumulation,
                 model.config.moe_layers, args.seed, args.save_interval or steps_per_epoch, args.log_interval, stop,
                 f"fine-tuning {args.task}")
     step_times = loop.run(start_step)
