@@ -3,9 +3,8 @@
     python benchmarks/moe_vs_dense.py --model eve-base [--tokens 4096] [--repeats 5]
 
 The MoE FFN is EVE's layer as trained (top-2 of the preset's experts, capacity factor 1, routing embedding,
-expert parallelism 1, so every expert runs on this device), timed with its experts grouped into one batched
-matmul per layer (the default) and one after the other (DeepSpeed's way); the dense FFN has twice the FFN
-width, which is the FLOPs of the two experts a token is routed to. Both in the dtype a step would use
+expert parallelism 1, so every expert runs on this device one after the other); the dense FFN has twice the
+FFN width, which is the FLOPs of the two experts a token is routed to. Both in the dtype a step would use
 (bf16 on a GPU, fp32 on CPU). Prints the median time of each and their ratio.
 """
 import argparse
@@ -55,26 +54,19 @@ def main():
     modality = torch.full((1, args.tokens), TEXT, device=device)
     modality[:, :args.tokens // 2] = VISION
 
-    def moe_step(grouped: bool):
-        moe.deepspeed_moe.experts.grouped = grouped
+    def moe_step():
         output, aux = moe(hidden, modality)
         (output.float().sum() + aux).backward()
-
-    def moe_forward(grouped: bool):
-        moe.deepspeed_moe.experts.grouped = grouped
-        moe(hidden, modality)
 
     def dense_step():
         dense(hidden).float().sum().backward()
 
-    steps = {"MoE FFN": (lambda: moe_step(True), lambda: moe_forward(True)),
-             "MoE FFN, experts one by one": (lambda: moe_step(False), lambda: moe_forward(False)),
-             "dense FFN": (dense_step, lambda: dense(hidden))}
-    results, forward = {}, {}
-    for name, (step, forward_only) in steps.items():
+    results = {}
+    for name, step in (("MoE FFN", moe_step), ("dense FFN", dense_step)):
         results[name] = timed(step, device, args.repeats)
-        with torch.no_grad():
-            forward[name] = timed(forward_only, device, args.repeats)
+    with torch.no_grad():
+        forward = {"MoE FFN": timed(lambda: moe(hidden, modality), device, args.repeats),
+                   "dense FFN": timed(lambda: dense(hidden), device, args.repeats)}
     print(f"{args.model}: {args.tokens} tokens, width {width}, FFN {ffn}, top-{config.top_k} of {config.num_experts} "
           f"experts (capacity factor 1) against a dense FFN of width {config.top_k * ffn}; {device.type}, {dtype}, "
           f"torch {torch.__version__}")
@@ -82,9 +74,8 @@ def main():
     print("| --- | --- | --- |")
     for name in results:
         print(f"| {name} | {forward[name] * 1e3:.1f} ms | {results[name] * 1e3:.1f} ms |")
-    for name in ("MoE FFN", "MoE FFN, experts one by one"):
-        print(f"| ratio {name} / dense | {forward[name] / forward['dense FFN']:.2f} | "
-              f"{results[name] / results['dense FFN']:.2f} |")
+    print(f"| ratio MoE / dense | {forward['MoE FFN'] / forward['dense FFN']:.2f} | "
+          f"{results['MoE FFN'] / results['dense FFN']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups, set_z3_leaf_modules
 
 from eve_ds.config import ConfigError
-from eve_ds.model.moe import ExpertPlacement, GroupedExperts, ModalityAwareGate, use_engine_managed_moe
+from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, use_engine_managed_moe
 
 # Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
 EVE_SECTION = "eve"
@@ -147,9 +147,9 @@ def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlaceme
     ``param_groups`` default to ``optimizer_param_groups``; ``lr_scheduler`` (a callable of the optimizer)
     replaces the config's "scheduler"."""
     if zero_stage(ds_config) == 3:
-        # The gate reads its router weight directly rather than calling that Linear, and the grouped experts
-        # read their experts' weights without calling them: ZeRO-3 must gather each as one leaf module.
-        set_z3_leaf_modules(model, [ModalityAwareGate, GroupedExperts])
+        # The gate reads its router weight directly rather than calling that Linear, so ZeRO-3 must gather
+        # the gate's parameters as one leaf module.
+        set_z3_leaf_modules(model, [ModalityAwareGate])
     else:
         use_engine_managed_moe(model)
     if param_groups is None:

@@ -28,17 +28,6 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.fc2(quick_gelu(self.fc1(x)))
 
-    @staticmethod
-    def grouped_forward(experts, x: torch.Tensor) -> torch.Tensor:
-        """Several FeedForwards at once: x [experts, tokens, width] -> [experts, tokens, width], expert e on x[e];
-        one batched matmul (bias added in it) per layer."""
-        def linear(name, inputs):
-            layers = [getattr(expert, name) for expert in experts]
-            weight = torch.stack([layer.weight for layer in layers])
-            bias = torch.stack([layer.bias for layer in layers]).unsqueeze(1)
-            return torch.baddbmm(bias, inputs, weight.transpose(1, 2))
-        return linear("fc2", quick_gelu(linear("fc1", x)))
-
 
 class Attention(nn.Module):
     """Multi-head self-attention with BEiT-style biases: queries and values have one, keys none (a key

@@ -97,24 +97,6 @@ class ModalityAwareGate(TopKGate):
         self.expert_load.copy_(load)
 
 
-class GroupedExperts(Experts):
-    """DeepSpeed's ``Experts`` that computes all local experts at once where the expert class knows how
-    (``grouped_forward(experts, x [experts, tokens, width])``: a batched matmul per linear layer instead of one
-    matmul per expert); same parameters, same outputs. ``grouped = False`` runs them one by one, as DeepSpeed
-    does. Under ZeRO-3 this module is a leaf (engine.initialize): its parameters are gathered together."""
-    grouped = True
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """[ep_size, local experts, capacity, width] -> the same with the experts' outputs."""
-        template = self.deepspeed_experts[0]
-        if not self.grouped or not hasattr(template, "grouped_forward"):
-            return super().forward(inputs)
-        ep_size, local, capacity, width = inputs.shape
-        tokens = inputs.transpose(0, 1).reshape(local, ep_size * capacity, width)
-        outputs = type(template).grouped_forward(self.deepspeed_experts, tokens)
-        return outputs.reshape(local, ep_size, capacity, -1).transpose(0, 1)
-
-
 class ModalityAwareMoE(nn.Module):
     """Sparse top-k MoE FFN with modality-aware routing; ``expert`` is the template of every expert.
 
@@ -135,7 +117,7 @@ class ModalityAwareMoE(nn.Module):
                                  capacity_factor=capacity_factor,
                                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
-        experts = GroupedExperts(expert, self.num_local_experts, self.expert_group_name)
+        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
         self._init_experts(placement, init_std)
         if routing_embedding_to_experts:
