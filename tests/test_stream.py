@@ -211,3 +211,20 @@ def test_validation_batches_are_the_same_on_any_world_size(shard_set, samples):
     one = real_samples(1)
     assert len(one) == 100
     assert one == real_samples(3)
+
+
+def test_resume_at_another_number_of_readers_when_readers_are_in_different_epochs(tmp_path, samples):
+    """With two sources mixed, readers cross a small source's epochs at different times; resumed at another
+    number of readers, every epoch any reader had begun is still seen exactly once."""
+    small = open_source(write_shards(tmp_path / "small", shipped_pairs(12), [5, 7]))
+    large = open_source(write_shards(tmp_path / "large", shipped_pairs(60, first=12), [60]))
+    first = loaders([small, large], samples, 2, 2, weights=[1.0, 1.0])
+    before = take(first, 7)  # 28 draws per reader, half from the small source: slices of 3 per epoch
+    saved = save(first)
+    epochs_begun = {state["sources"][0]["pending"][0][0] for rank in saved["states"] for state in rank}
+    assert len(epochs_begun) > 1
+    after = take(loaders([small, large], samples, 1, 3, weights=[1.0, 1.0], saved=saved), 60)
+    seen = Counter(key for rank in before + after for key, *_ in rank if key.startswith("0:"))
+    for epoch in range(max(epochs_begun) + 1):
+        keys = [key for key in seen if key.split(":")[1] == str(epoch)]
+        assert len(keys) == 12 and all(seen[key] == 1 for key in keys), epoch
