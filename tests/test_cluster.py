@@ -106,6 +106,16 @@ def test_pretrain_script_issues_one_srun_and_requeues_after_a_signal_stop(tmp_pa
     assert result.returncode == 1 and not any(call.startswith("scontrol requeue") for call in calls)
 
 
+def test_finetune_script_runs_the_fine_tuning_entry_point_with_its_tasks_config(tmp_path):
+    (tmp_path / "launch" / "slurm").mkdir(parents=True)  # the batch shell runs from the submit directory
+    (tmp_path / "launch" / "slurm" / "pretrain.sbatch").write_text((REPO / "launch/slurm/pretrain.sbatch").read_text())
+    result, calls = run_batch_script(tmp_path, "finetune.sbatch", "--task", "vqa", "--pretrained", "runs/x")
+    assert result.returncode == 0, result.stderr
+    assert calls[0].endswith(f"{tmp_path / 'python'} launch/finetune.py --out runs/eve-test --auto-resume --task vqa "
+                             "--pretrained runs/x")
+    assert calls[1:] == ["python launch/finetune.py --out runs/eve-test --auto-resume --task vqa --pretrained runs/x"] * 2
+
+
 def test_convert_script_runs_one_tool(tmp_path):
     result, calls = run_batch_script(tmp_path, "convert.sbatch", "consolidate", "runs/x/checkpoints", "runs/x/out",
                                      SLURM_NTASKS_PER_NODE="1")

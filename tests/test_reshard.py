@@ -36,10 +36,11 @@ def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
 
     # Two ranks with ep 2 -> one rank -> back to two ranks with ep 2.
-    single, _ = launch_pretrain(tmp_path, tmp_path / "one_rank", small_ds_config(eve={"expert_parallel_size": 1}),
-                                "--steps", steps, "--save-interval", interrupted_at + 1, "--resume-from",
-                                tmp_path / "universal", num_ranks=1)
+    single, log = launch_pretrain(tmp_path, tmp_path / "one_rank", small_ds_config(eve={"expert_parallel_size": 1}),
+                                  "--steps", steps, "--save-interval", interrupted_at + 1, "--resume-from",
+                                  tmp_path / "universal", num_ranks=1)
     assert [r["step"] for r in single] == [4, 5]
+    assert "data position is for another layout of readers" in log  # the unfinished slices are dealt out
     reshard(tmp_path / "one_rank" / "checkpoints", tmp_path / "universal_1", "--tag", f"step_{4:08d}")
     after_one_step = load_universal(tmp_path / "universal_1")
     assert (after_one_step.step, after_one_step.optimizer_steps) == (4, 4)
