@@ -247,7 +247,7 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
     _check_complete(state_dict, config, tag_dir)
     if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()):
         notes.append("ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights")
-    client_keys = ("model_config", "masking", "seed", "step")
+    client_keys = ("model_config", "masking", "seed", "step", "data")  # data: every reader's position
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
                                   tag_dir, {key: states[key] for key in client_keys if key in states},
                                   moments, steps, states.get("lr_scheduler"), notes)
