@@ -63,7 +63,10 @@ def _expand_name(name: str, nodelist: str) -> list:
 def hostnames(nodelist: str) -> list:
     """The hosts of a SLURM node list, by ``scontrol show hostnames`` where it exists, else by the parser."""
     if shutil.which("scontrol"):
-        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
+        # A stop signal for the job reaches every process of the task: scontrol must not die of it, or the
+        # names would come from the parser in its place (the same hosts, where they resolve).
+        result = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                                preexec_fn=ignore_stop_signals)
         if result.returncode == 0 and result.stdout.split():
             return result.stdout.split()
         logger.warning("scontrol show hostnames failed (%s); parsing the node list", result.stderr.strip()[:200])
@@ -111,7 +114,7 @@ class StopRequest:
 
 
 def ignore_stop_signals(worker_id: int = 0):
-    """For data-loader workers: a signal for the job reaches every process of a task, and a worker that it
-    killed would fail the step that the main process is finishing before it stops."""
+    """For data-loader workers and helper processes: a signal for the job reaches every process of a task, and a
+    worker that it killed would fail the step that the main process is finishing before it stops."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)

@@ -42,6 +42,16 @@ def test_hostnames_come_from_scontrol_where_it_exists(monkeypatch, tmp_path):
     assert hostnames("gpu[1-2]") == ["gpu1", "gpu2"]
 
 
+def test_a_stop_signal_during_start_up_does_not_kill_scontrol(monkeypatch, tmp_path):
+    """SLURM signals every process of a task; scontrol, asked for the host names at that moment, must answer
+    (a killed one left the names to the parser: in a test, names that do not resolve, and a hang)."""
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/usr/bin/env bash\nkill -TERM $$\nkill -USR1 $$\necho alpha\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert hostnames("gpu[1-2]") == ["alpha"]
+
+
 def test_srun_task_environment():
     environ = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_NODELIST": "gpu[03-06]",
                "SLURM_JOB_ID": "123456"}
