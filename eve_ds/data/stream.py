@@ -132,7 +132,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             batch, keys = [], []
             while len(batch) < self.micro_batch:
                 index, epoch, position, raw = next(samples)
-                sample = self._masked(index, epoch, position, raw, problems)
+                sample = masked_sample(self.samples, raw, random.Random(f"{self.seed}:{index}:{epoch}:{position}"),
+                                       problems)
                 if sample is not None:
                     batch.append(sample)
                     keys.append(f"{index}:{epoch}:{raw[0]}")
@@ -143,25 +144,28 @@ class PretrainingStream(torch.utils.data.IterableDataset):
             problems.clear()
             yield collated
 
-    def _masked(self, index: int, epoch: int, position: int, raw, problems: Counter):
-        if raw is None:  # lost with a damaged shard, counted when the shard was read
-            return None
-        _, files = raw
-        captions = captions_of(files, problems)
-        if not captions:
-            return None
-        image = image_of(files)
-        if image is None:
-            problems["missing image"] += 1
-            return None
-        rng = random.Random(f"{self.seed}:{index}:{epoch}:{position}")
-        try:
-            return self.samples.make(image[1], rng.choice(captions), rng)
-        except TOO_LARGE:
-            problems["image too large"] += 1
-        except UNREADABLE_IMAGE_ERRORS:
-            problems["unreadable image"] += 1
+
+def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Counter):
+    """The masked sample of a raw one (key, files), its caption drawn by ``rng`` where it has several; None, counted
+    in ``problems`` by reason, where it has no usable caption or image (a raw None was lost with a damaged shard,
+    counted when the shard was read)."""
+    if raw is None:
         return None
+    _, files = raw
+    captions = captions_of(files, problems)
+    if not captions:
+        return None
+    image = image_of(files)
+    if image is None:
+        problems["missing image"] += 1
+        return None
+    try:
+        return samples.make(image[1], rng.choice(captions), rng)
+    except TOO_LARGE:
+        problems["image too large"] += 1
+    except UNREADABLE_IMAGE_ERRORS:
+        problems["unreadable image"] += 1
+    return None
 
 
 def resumed_states(saved: dict, stream: PretrainingStream) -> list:
@@ -232,21 +236,8 @@ def validation_batches(source: Source, samples: MaskedSamples, rank: int, world_
     raw = read_positions(source, order, start, stop, problems)
     batch = []
     for position in range(start, start + math.ceil(share / micro_batch) * micro_batch):
-        sample = None
         item = next(raw, None) if position < stop else None
-        if item is not None:
-            captions, image = captions_of(item[1], problems), image_of(item[1])
-            if captions and image is not None:
-                rng = random.Random(f"{seed}:validation:{position}")
-                try:
-                    sample = samples.make(image[1], rng.choice(captions), rng)
-                except TOO_LARGE:
-                    problems["image too large"] += 1
-                except UNREADABLE_IMAGE_ERRORS:
-                    problems["unreadable image"] += 1
-            elif captions:
-                problems["missing image"] += 1
-        batch.append(sample)
+        batch.append(masked_sample(samples, item, random.Random(f"{seed}:validation:{position}"), problems))
         if len(batch) == micro_batch:
             yield _with_padding(batch, samples)
             batch = []
