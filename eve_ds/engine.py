@@ -42,6 +42,13 @@ def init_distributed():
     shared.unlink(missing_ok=True)
 
 
+def all_gather_objects(value) -> list:
+    """One picklable object from every rank, in rank order."""
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def bf16_available() -> bool:
     return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
 

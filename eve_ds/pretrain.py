@@ -17,17 +17,17 @@ import torch.distributed as dist
 from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
-from eve_ds.cluster import StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
+from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
-from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import all_gather_objects, initialize, load_deepspeed_config, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
-from eve_ds.trainer import Job, Loop, RunLog, all_reduce, gather, run_summary
+from eve_ds.trainer import Job, Loop, RunLog, all_reduce, run_summary, start_distributed, to_device
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -132,10 +132,7 @@ def validate(engine, batches, patch_size: int) -> dict:
     for batch in batches:
         image_count = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
         text_count = (batch["text_labels"] != IGNORE_INDEX).sum()
-        batch = {key: value.to(engine.device) for key, value in batch.items()}
-        if engine.bfloat16_enabled():
-            batch["images"] = batch["images"].bfloat16()
-        outputs = engine(**batch)
+        outputs = engine(**to_device(batch, engine))
         sums += torch.stack([outputs["image_loss"].double() * image_count, image_count.double(),
                              outputs["text_loss"].double() * text_count, text_count.double()]).to(sums.device)
     engine.train()
@@ -190,21 +187,14 @@ class PretrainingJob(Job):
                 f"MFU {100 * record['mfu']:.2g}%  skipped {describe_skipped(self.position.problems)}  ")
 
     def client_state(self) -> dict:
-        return {**self.base_state, "data": self.position.saved(gather)}
+        return {**self.base_state, "data": self.position.saved(all_gather_objects)}
 
 
 def main(argv=None, stop: StopRequest = None):
     stop = stop or StopRequest()
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if set_distributed_env_from_slurm():
-        logger.info("srun task %s of %s: master %s:%s", os.environ["RANK"], os.environ["WORLD_SIZE"],
-                    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-    init_distributed()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = start_distributed()
     is_main = rank == 0
-    if not is_main:
-        logging.getLogger().setLevel(logging.WARNING)
 
     tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len, args.special_token)
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
@@ -212,9 +202,7 @@ def main(argv=None, stop: StopRequest = None):
         config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
     checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
     universal = load_universal(args.resume_from) if args.resume_from else None
-    resume_tag = checkpoints.newest_verified() if args.resume or args.auto_resume else None
-    if args.resume and resume_tag is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints.dir}")
+    resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
         source = args.resume_from or resume_tag
         saved = universal.model_config if universal is not None else saved_model_config(resume_tag)

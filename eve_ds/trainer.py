@@ -3,6 +3,7 @@ resume and stop on a signal. A job supplies what differs through a small interfa
 """
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -15,7 +16,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from eve_ds.checkpoint.training import RunCheckpoints
-from eve_ds.cluster import EXIT_REQUEUE, StopRequest
+from eve_ds.cluster import EXIT_REQUEUE, StopRequest, set_distributed_env_from_slurm
+from eve_ds.engine import init_distributed
 from eve_ds.model.moe import TEXT, VISION
 
 logger = logging.getLogger(__name__)
@@ -32,11 +34,25 @@ def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return values
 
 
-def gather(value) -> list:
-    """One picklable object from every rank, in rank order."""
-    values = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
-    return values
+def start_distributed() -> tuple:
+    """Logging, the ranks' variables under srun, torch.distributed; returns (rank, world size). Only rank 0 logs
+    below warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if set_distributed_env_from_slurm():
+        logger.info("srun task %s of %s: master %s:%s", os.environ["RANK"], os.environ["WORLD_SIZE"],
+                    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
+    init_distributed()
+    if dist.get_rank() != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def to_device(batch: dict, engine) -> dict:
+    """A batch of tensors on the engine's device, its floating ones in bf16 where the engine trains in bf16."""
+    batch = {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
+    if engine.bfloat16_enabled():
+        batch = {key: value.bfloat16() if value.is_floating_point() else value for key, value in batch.items()}
+    return batch
 
 
 def peak_memory_mb(device) -> float:
@@ -151,10 +167,7 @@ class Loop:
                 count_names = count_names or tuple(micro_counts)
                 micro_counts = torch.tensor([float(micro_counts[name]) for name in count_names], dtype=torch.float64)
                 counts = micro_counts if counts is None else counts + micro_counts
-                inputs = {key: value.to(device, non_blocking=True) for key, value in inputs.items()}
-                if engine.bfloat16_enabled():
-                    inputs = {key: value.bfloat16() if value.is_floating_point() else value
-                              for key, value in inputs.items()}
+                inputs = to_device(inputs, engine)
                 torch.manual_seed(step_seed(self.seed, step, micro_step, rank))
                 outputs = engine(**inputs)
                 engine.backward(outputs[job.loss_names[0]])

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import CheckpointError
+from eve_ds.engine import all_gather_objects
 from eve_ds.checkpoint.manifest import (LATEST, digest_share, is_complete, point_latest, predates_manifests, step_tag,
                                         summary, tags_newest_first, verify_share, write_manifest)
 
@@ -32,12 +33,6 @@ def remove_old_checkpoints(checkpoint_dir: Path, keep: int):
         return
     for tag in tags[tags.index(kept[-1]) + 1:]:
         shutil.rmtree(tag, ignore_errors=True)
-
-
-def _all_gather(value) -> list:
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 class RunCheckpoints:
@@ -60,7 +55,7 @@ class RunCheckpoints:
             os.kill(os.getpid(), signal.SIGKILL)
         written = time.perf_counter()
         files = {}
-        for part in _all_gather(digest_share(tag_dir, self.rank, self.world_size)):
+        for part in all_gather_objects(digest_share(tag_dir, self.rank, self.world_size)):
             files.update(part)
         if self.rank == 0:
             write_manifest(tag_dir, files, step)
@@ -71,6 +66,14 @@ class RunCheckpoints:
                         time.perf_counter() - written)
         dist.barrier()
         return tag_dir
+
+    def resume_point(self, resume: bool, auto_resume: bool):
+        """The checkpoint to resume from: with ``resume``, the newest verified one (an error where there is none);
+        with ``auto_resume``, that one or None; otherwise None."""
+        tag = self.newest_verified() if resume or auto_resume else None
+        if resume and tag is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.dir}")
+        return tag
 
     def newest_verified(self):
         """The newest checkpoint folder whose files all match its manifest, or None when the run has none.
@@ -91,7 +94,7 @@ class RunCheckpoints:
                 self._warn(f"{tag}: incomplete (no manifest: its save did not finish); skipped")
                 continue
             started = time.perf_counter()
-            problems = [problem for part in _all_gather(verify_share(tag, self.rank, self.world_size))
+            problems = [problem for part in all_gather_objects(verify_share(tag, self.rank, self.world_size))
                         for problem in part]
             if not problems:
                 if damaged:

@@ -18,16 +18,16 @@ import torch.distributed as dist
 from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.pretrained import pretrained_config as read_pretrained_config
 from eve_ds.checkpoint.training import RunCheckpoints
-from eve_ds.cluster import StopRequest, ignore_stop_signals, set_distributed_env_from_slurm
+from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data import TextTokenizer
-from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import initialize, load_deepspeed_config, zero_stage
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
 from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
                                    write_vqa_results)
 from eve_ds.model.moe import ExpertPlacement
-from eve_ds.trainer import Job, Loop, RunLog, run_summary
+from eve_ds.trainer import Job, Loop, RunLog, run_summary, start_distributed
 
 logger = logging.getLogger("eve_ds.finetune")
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -165,11 +165,7 @@ class Setup:
 
 def start(args) -> Setup:
     """Distributed start-up, logging, the recipe with the command line's changes, and the task's data."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    set_distributed_env_from_slurm()
-    init_distributed()
-    if dist.get_rank() != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    start_distributed()
     config = read_pretrained_config(args.pretrained)
     chosen = recipe(args.recipe or RECIPE_NAMES[args.task], preset_name(config))
     image_size = args.image_size or chosen.image_size
@@ -182,6 +178,15 @@ def start(args) -> Setup:
                  args.lr_multiplier or chosen.lr_multiplier,
                  args.aux_weight if args.aux_weight is not None else chosen.aux_weight,
                  args.k_test or chosen.k_test or 128, config)
+
+
+def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: int) -> tuple:
+    """The DeepSpeed config and eve-ds options, without its "scheduler": the recipe's schedule
+    (``optim.lr_scheduler``) replaces it, keeping the new parameters' multiplier, so its lengths do not matter."""
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 1,
+                                                   global_batch)
+    ds_config.pop("scheduler", None)
+    return ds_config, parallelism
 
 
 def main(argv=None, stop: StopRequest = None):
@@ -198,19 +203,14 @@ def main(argv=None, stop: StopRequest = None):
                 chosen.schedule, 100 * chosen.warmup_fraction)
 
     epochs = args.epochs or chosen.epochs
-    probe_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size,
-                                                      pretrained_config.num_experts, 1, setup.global_batch)
-    micro_batch, accumulation = (probe_config["train_micro_batch_size_per_gpu"],
-                                 probe_config["gradient_accumulation_steps"])
+    ds_config, parallelism = fine_tuning_deepspeed_config(args, world_size, pretrained_config, setup.global_batch)
+    micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(task.train) // world_size // micro_batch // accumulation
     if steps_per_epoch == 0:
         raise ConfigError(f"{len(task.train)} training items give no step of {micro_batch} x {accumulation} on "
                           f"each of {world_size} ranks")
     args.steps = epochs * steps_per_epoch
-    ds_config, _ = load_deepspeed_config(args.deepspeed_config, world_size, pretrained_config.num_experts,
-                                         args.steps, setup.global_batch)
     ds_config["gradient_clipping"] = chosen.grad_clip
-    ds_config.pop("scheduler", None)  # the recipe's schedule below keeps the new parameters' multiplier
     ds_config.setdefault("optimizer", {"type": "AdamW"})["params"] = {
         **ds_config["optimizer"].get("params", {}), **chosen.adamw_options(), "lr": setup.lr,
         "betas": list(chosen.betas)}
@@ -229,9 +229,7 @@ def main(argv=None, stop: StopRequest = None):
                 zero_stage(ds_config), parallelism.expert_parallel_size)
 
     checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
-    resume_tag = checkpoints.newest_verified() if args.resume or args.auto_resume else None
-    if args.resume and resume_tag is None:
-        raise FileNotFoundError(f"--resume: no checkpoint in {checkpoints.dir}")
+    resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     start_step = 0
     if resume_tag is not None:
         saved = saved_model_config(resume_tag)
@@ -276,9 +274,7 @@ def evaluate_run(argv=None) -> dict:
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoints.dir}")
     config = saved_model_config(tag)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
-                                                   setup.global_batch)
-    ds_config.pop("scheduler", None)
+    ds_config, parallelism = fine_tuning_deepspeed_config(args, dist.get_world_size(), config, setup.global_batch)
     placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
     model = MODELS[args.task](config, placement, **setup.task.head_options)
     engine, _ = initialize(model, ds_config, placement)
