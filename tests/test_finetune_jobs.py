@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from eve_ds.finetune.data import read_answer_list, read_vqa
+from eve_ds.finetune.annotations import read_answer_list, read_vqa
 from eve_ds.finetune.tasks import EXAMPLES
 from tests.conftest import SHAPES, launch, launch_pretrain, read_metrics, run_tool, small_ds_config
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.finetune.data import VQAQuestion, build_answer_list  # noqa: E402
+from eve_ds.finetune.annotations import VQAQuestion, build_answer_list  # noqa: E402
 from tools.make_shapes_dataset import CELLS, COLOURS, SHAPES, describe, make_caption, make_scene  # noqa: E402
 
 VQA_IMAGES = {"train": 48, "val": 16, "test": 16}

@@ -11,12 +11,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eve_ds.finetune.data import (NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset,
-                                  read_answer_list, read_karpathy, read_nlvr2, read_vqa)
+from eve_ds.finetune.annotations import read_answer_list, read_karpathy, read_nlvr2, read_vqa
+from eve_ds.finetune.datasets import NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset
 from eve_ds.finetune.metrics import accuracy, rerank, retrieval_recall, vqa_accuracy
 from eve_ds.finetune.nlvr2 import NLVR2Model
 from eve_ds.finetune.retrieval import RetrievalModel
 from eve_ds.finetune.vqa import VQAModel
+from eve_ds.trainer import to_device
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "data" / "finetune"
 TASKS = ("vqa", "nlvr2", "retrieval")
@@ -87,13 +88,6 @@ def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str
 
 def model_inputs(batch: dict) -> dict:
     return {key: value for key, value in batch.items() if key not in NOT_MODEL_INPUTS}
-
-
-def to_device(batch: dict, engine) -> dict:
-    batch = {key: value.to(engine.device) for key, value in batch.items()}
-    if engine.bfloat16_enabled():
-        batch = {key: value.bfloat16() if value.is_floating_point() else value for key, value in batch.items()}
-    return batch
 
 
 def _world() -> tuple:
