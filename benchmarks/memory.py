@@ -22,10 +22,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.config import preset  # noqa: E402
-from eve_ds.engine import init_distributed, initialize, load_deepspeed_config, zero_stage  # noqa: E402
+from eve_ds.engine import (all_gather_objects, build_model, init_distributed, initialize,  # noqa: E402
+                           load_deepspeed_config, zero_stage)
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.params import parameter_counts  # noqa: E402
+from eve_ds.trainer import peak_memory_mb  # noqa: E402
 
 BYTES_PER_PARAMETER = 4 + 4 + 8
 
@@ -81,6 +83,9 @@ def main():
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--checkpoint-dir", default=None,
                         help="also save the training state there as an eve-ds checkpoint (benchmarks/consolidate.py)")
+    parser.add_argument("--whole-model-build", action="store_true",
+                        help="build the whole model on every rank and let the engine partition it (as before ZeRO-3 "
+                             "start-up used deepspeed.zero.Init), to compare start-up memory")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
@@ -93,9 +98,12 @@ def main():
 
     torch.manual_seed(0)
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
-    model = MaskedSignalModeling(config, placement)
+    build = lambda: MaskedSignalModeling(config, placement)  # noqa: E731
+    model = build() if args.whole_model_build else build_model(build, ds_config)
+    start_up = {"built": peak_memory_mb(torch.device("cpu")) * 2**20}
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
+    start_up["engine"] = peak_memory_mb(engine.device) * 2**20
     batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1).items()}
     engine.backward(engine(**batch)["loss"])
     engine.step()
@@ -103,20 +111,28 @@ def main():
     del batch
     gc.collect()
 
-    per_rank = [None] * world_size
-    dist.all_gather_object(per_rank, memory_breakdown(engine))
+    start_up["after_two_steps"] = peak_memory_mb(engine.device) * 2**20
+    per_rank = all_gather_objects(memory_breakdown(engine))
+    start_up_per_rank = all_gather_objects(start_up)
     if rank == 0:
         total = parameter_counts(config).total
         ideal = BYTES_PER_PARAMETER * total / world_size
         report = {"model": args.model, "config": Path(args.deepspeed_config).name, "zero_stage": zero_stage(ds_config),
                   "expert_parallel_size": ep_size, "ranks": world_size, "parameters": total,
-                  "ideal_bytes_per_rank": ideal, "per_rank": per_rank}
+                  "ideal_bytes_per_rank": ideal, "per_rank": per_rank,
+                  "whole_model_build": args.whole_model_build, "peak_bytes_per_rank": start_up_per_rank}
         gib = lambda size: f"{size / 2**30:.2f}"  # noqa: E731
         print(f"{args.model} {report['config']} (ZeRO-{report['zero_stage']}, ep {ep_size}, {world_size} ranks), "
               f"GiB per rank; ideal total/N {gib(ideal)}")
         for rank_index, breakdown in enumerate(per_rank):
             print(f"  rank {rank_index}: " + ", ".join(f"{name} {gib(size)}" for name, size in breakdown.items())
                   + f" ({breakdown['total'] / ideal:.2f} x ideal)")
+        zero_init = zero_stage(ds_config) == 3 and not args.whole_model_build
+        print(f"peak memory per rank (GiB; resident set on CPU, allocated on GPU), model built "
+              f"{'under deepspeed.zero.Init' if zero_init else 'whole on each rank'}, after:")
+        for rank_index, peaks in enumerate(start_up_per_rank):
+            print(f"  rank {rank_index}: " + ", ".join(f"{stage.replace('_', ' ')} {gib(size)}"
+                                                      for stage, size in peaks.items()))
         print("RESULT " + json.dumps(report))
     if args.checkpoint_dir:
         engine.save_checkpoint(args.checkpoint_dir, tag="step_00000001",

@@ -45,7 +45,7 @@ def main():
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     width, ffn = config.hidden_size, config.ffn_hidden_size
     torch.manual_seed(0)
-    moe = ModalityAwareMoE(width, FeedForward(width, ffn), ExpertPlacement(config.num_experts), k=config.top_k,
+    moe = ModalityAwareMoE(width, lambda: FeedForward(width, ffn), ExpertPlacement(config.num_experts), k=config.top_k,
                            capacity_factor=1.0, eval_capacity_factor=1.0).to(device)
     moe.gate.float()  # the router stays in fp32, as in training
     moe.deepspeed_moe.experts.to(dtype)

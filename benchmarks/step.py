@@ -24,7 +24,7 @@ from deepspeed.moe.experts import Experts
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.config import preset  # noqa: E402
-from eve_ds.engine import init_distributed, initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.engine import build_model, init_distributed, initialize, load_deepspeed_config  # noqa: E402
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops  # noqa: E402
 from eve_ds.model.eve import Attention, MultiwayFFN  # noqa: E402
 from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, ModalityAwareMoE  # noqa: E402
@@ -152,7 +152,7 @@ def main():
     args.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, parallelism.expert_parallel_size)
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config, placement)
+    model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
     device = engine.device

@@ -21,7 +21,7 @@ from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
-from eve_ds.engine import all_gather_objects, initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, load_weights, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
@@ -227,9 +227,9 @@ def main(argv=None, stop: StopRequest = None):
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)
-    model = MaskedSignalModeling(config, placement)
+    model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
     if universal is not None:
-        model.load_state_dict({name: universal.weights[placement.global_name(name)] for name in model.state_dict()})
+        load_weights(model, {name: universal.weights[placement.global_name(name)] for name in model.state_dict()})
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "

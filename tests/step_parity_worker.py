@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.engine import init_distributed, initialize, load_deepspeed_config  # noqa: E402
+from eve_ds.engine import (all_gather_objects, build_model, init_distributed, initialize,  # noqa: E402
+                           load_deepspeed_config)
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.trainer import step_seed  # noqa: E402
@@ -33,7 +34,14 @@ def main():
 
     torch.manual_seed(SEED)
     placement = ExpertPlacement.of_global_rank(rank, PARITY_CONFIG.num_experts, ep_size)
-    model = MaskedSignalModeling(PARITY_CONFIG, placement)
+    model = build_model(lambda: MaskedSignalModeling(PARITY_CONFIG, placement), ds_config)
+    # What each rank holds once built: under ZeRO-3 only partitions (the config persists no parameter whole), each
+    # expert's over the ranks that share it.
+    built = {"whole_elements": sum(param.data.numel() for param in model.parameters()),
+             "expert_partition_ranks": sorted({tuple(dist.get_process_group_ranks(param.ds_process_group))
+                                               for moe in model.encoder.moe_layers()
+                                               for param in moe.local_experts.parameters()
+                                               if hasattr(param, "ds_process_group")})}
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
 
@@ -53,13 +61,13 @@ def main():
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
             weights[placement.global_name(name)] = param.detach().clone()
-    gathered_weights, losses, evaluations = [None] * world_size, [None] * world_size, [None] * world_size
-    dist.all_gather_object(gathered_weights, weights)
-    dist.all_gather_object(losses, loss.item())
-    dist.all_gather_object(evaluations, evaluation)
+    gathered_weights, losses, evaluations = all_gather_objects(weights), all_gather_objects(loss.item()), \
+        all_gather_objects(evaluation)
+    builds = all_gather_objects(built)
     if rank == 0:
         merged = {name: tensor for part in gathered_weights for name, tensor in part.items()}
-        torch.save({"losses": losses, "weights": merged, "eval": evaluations}, args.out)
+        torch.save({"losses": losses, "weights": merged, "eval": evaluations, "built": builds,
+                    "expert_parallel_size": ep_size}, args.out)
     dist.barrier()
 
 

@@ -30,7 +30,7 @@ def test_dense_layers_match_the_counter_in_every_encoding_mode():
 
 def test_moe_layer_counts_router_and_top_k_experts():
     width, ffn, experts, tokens = 16, 32, 4, 64
-    moe = ModalityAwareMoE(width, FeedForward(width, ffn), ExpertPlacement(experts), capacity_factor=1.0,
+    moe = ModalityAwareMoE(width, lambda: FeedForward(width, ffn), ExpertPlacement(experts), capacity_factor=1.0,
                            eval_capacity_factor=1.0, min_capacity=1).eval()
     # Capacity 2 * 64 / 4 = 32 slots per expert: the experts compute exactly top-2 routes of every token.
     flops = counted(lambda: moe(torch.randn(2, tokens // 2, width), torch.zeros(2, tokens // 2, dtype=torch.long)))

@@ -11,7 +11,8 @@ WIDTH, EXPERTS = 16, 4
 
 def make_moe(capacity_factor=4.0, min_capacity=1, routing_embedding_to_experts=True):
     torch.manual_seed(0)
-    return ModalityAwareMoE(WIDTH, FeedForward(WIDTH, 32), ExpertPlacement(EXPERTS), k=2, capacity_factor=capacity_factor,
+    return ModalityAwareMoE(WIDTH, lambda: FeedForward(WIDTH, 32), ExpertPlacement(EXPERTS), k=2,
+                            capacity_factor=capacity_factor,
                             eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
                             routing_embedding_to_experts=routing_embedding_to_experts)
 

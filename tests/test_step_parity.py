@@ -12,6 +12,7 @@ import torch
 
 from eve_ds.checkpoint import consolidate, save_pretrained
 from eve_ds.engine import optimizer_param_groups
+from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling
 from eve_ds.trainer import step_seed
 from tests.conftest import REPO, free_port
@@ -74,6 +75,21 @@ def test_distributed_step_matches_single_process_reference(distributed_run):
         # AdamW's first step moves every weight by about the learning rate, far above the tolerance.
         assert (expected - initial_weights[name]).abs().max() > 100 * 2e-6, name
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-4, atol=2e-6, msg=name)
+
+
+def test_zero3_ranks_never_hold_the_whole_model(distributed_run):
+    """Built under deepspeed.zero.Init, each rank holds partitions only, and each expert is partitioned over the
+    ranks that share it (its expert-data-parallel group); the step above shows the weights are those of the
+    single-process model."""
+    world_size, stage, result, _ = distributed_run
+    if stage != 3:
+        pytest.skip("ZeRO-3 only")
+    ep_size = result["expert_parallel_size"]
+    for rank, built in enumerate(result["built"]):
+        assert built["whole_elements"] == 0, rank
+        sharing = tuple(ExpertPlacement.of_global_rank(rank, PARITY_CONFIG.num_experts, ep_size).sharing_ranks(
+            world_size))
+        assert built["expert_partition_ranks"] == [sharing], rank
 
 
 def test_consolidated_checkpoint_reproduces_distributed_eval_outputs(distributed_run, tmp_path):

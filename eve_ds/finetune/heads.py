@@ -8,6 +8,7 @@ from torch import nn
 
 from eve_ds.config import EVEConfig
 from eve_ds.model import EVE, ExpertPlacement
+from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
 
 
 def classifier(in_features: int, hidden_features: int, num_classes: int) -> nn.Sequential:
@@ -27,6 +28,7 @@ class TaskModel(nn.Module):
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):
         super().__init__()
         self.config = config
+        self.heads_seed = fresh_seed()
         self.encoder = EVE(config, placement)
         if aux_weight is None:
             aux_weight = self.default_aux_weight if self.default_aux_weight is not None else config.aux_loss_weight
@@ -34,16 +36,9 @@ class TaskModel(nn.Module):
 
     def init_head_weights(self):
         """Initialises every module outside the encoder as EVE initialises its own."""
-        for name, module in self.named_modules():
-            if name in ("", "encoder") or name.startswith("encoder."):
-                continue
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=self.config.init_std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        init_modules_((module for name, module in self.named_modules()
+                       if name not in ("", "encoder") and not name.startswith("encoder.")),
+                      self.config.init_std, seeded_generator(self.heads_seed))
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None,

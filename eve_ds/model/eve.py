@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from eve_ds.config import EVEConfig
+from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
 from eve_ds.model.moe import TEXT, VISION, ExpertPlacement, ModalityAwareMoE
 
 
@@ -81,18 +82,20 @@ class MultiwayFFN(nn.Module):
 
 class MultiwayBlock(nn.Module):
 
-    def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, placement: ExpertPlacement):
+    def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, placement: ExpertPlacement,
+                 init_seed: int = None):
         super().__init__()
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.attn = Attention(width, config.num_heads)
         if use_moe:  # one norm for all tokens before the MoE FFN; a multiway FFN has a norm per modality
             self.norm2 = nn.LayerNorm(width, eps=config.layer_norm_eps)
-            self.ffn = ModalityAwareMoE(width, FeedForward(width, config.ffn_hidden_size), placement, k=config.top_k,
-                                        capacity_factor=config.capacity_factor,
+            self.ffn = ModalityAwareMoE(width, lambda: FeedForward(width, config.ffn_hidden_size), placement,
+                                        k=config.top_k, capacity_factor=config.capacity_factor,
                                         eval_capacity_factor=config.eval_capacity_factor,
                                         min_capacity=config.min_capacity, init_std=config.init_std,
-                                        routing_embedding_to_experts=config.routing_embedding_to_experts)
+                                        routing_embedding_to_experts=config.routing_embedding_to_experts,
+                                        init_seed=init_seed)
         else:
             self.ffn = MultiwayFFN(width, config.ffn_hidden_size, config.layer_norm_eps)
         self.gamma1 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
@@ -114,13 +117,16 @@ class MultiwayBlock(nn.Module):
 
 
 class EVE(nn.Module):
-    """The unified encoder. ``placement`` says which experts this process holds (default: all of them)."""
+    """The unified encoder. ``placement`` says which experts this process holds (default: all of them).
+    Initial weights (eve_ds/model/init.py) come from one draw of the global RNG."""
+    normal_init_parameters = ("image_cls", "image_pos", "vision_mask_embed", "text_pos", "modality_type_embed")
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None):
         super().__init__()
         placement = placement or ExpertPlacement(config.num_experts)
         if placement.num_experts != config.num_experts:
             raise ValueError(f"the placement is of {placement.num_experts} experts, the model has {config.num_experts}")
+        generator = seeded_generator(fresh_seed())
         self.config = config
         width = config.hidden_size
         self.patch_embed = nn.Conv2d(config.in_channels, width, config.patch_size, stride=config.patch_size)
@@ -134,31 +140,16 @@ class EVE(nn.Module):
         self.embed_norm = nn.LayerNorm(width, eps=config.layer_norm_eps)  # over the joint sequence
         drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
         self.blocks = nn.ModuleList(
-            MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, placement=placement)
+            MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, placement=placement,
+                          init_seed=fresh_seed(generator) if i in config.moe_layers else None)
             for i in range(config.num_layers))
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.activation_checkpointing = False
-        self._init_weights()
-
-    def _init_weights(self):
-        std = self.config.init_std
-        # Experts initialise themselves (ModalityAwareMoE): how many live here depends on the expert-parallel
-        # size, and the draws from the global RNG must not, so that dense weights match for every ep_size.
-        expert_modules = {id(m) for moe in self.moe_layers() for m in moe.local_experts.modules()}
-        for module in self.modules():
-            if id(module) in expert_modules:
-                continue
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                nn.init.trunc_normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.trunc_normal_(module.weight, std=std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-        for param in (self.image_cls, self.image_pos, self.vision_mask_embed, self.text_pos, self.modality_type_embed):
-            nn.init.trunc_normal_(param, std=std)
+        # MoE layers initialise themselves: how many experts live here depends on the expert-parallel size, and the
+        # draws for the rest of the model must not.
+        in_moe_layers = {id(module) for moe in self.moe_layers() for module in moe.modules()}
+        init_modules_((module for module in self.modules() if id(module) not in in_moe_layers), config.init_std,
+                      generator)
 
     def embed_image(self, images, image_mask=None):
         """[B, C, H, W] -> [B, num_image_tokens, width]: [CLS_img] and patches, with positions and type."""

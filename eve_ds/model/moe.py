@@ -8,6 +8,7 @@ the gate (``used_token``, which top-2 gating ignores), so the per-token modality
 channel; in the router-only variant the gate adds the embedding to its own input.
 """
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,10 @@ from deepspeed.moe.experts import Experts
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.sharded_moe import MOELayer, TopKGate
 from deepspeed.utils import groups
-from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+from deepspeed.runtime.zero.partition_parameters import (is_zero_param, register_external_parameter,
+                                                          restore_init_context, shutdown_init_context)
+
+from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
 
 VISION, TEXT = 0, 1
 NUM_MODALITIES = 2
@@ -62,12 +66,12 @@ class ExpertPlacement:
 class ModalityAwareGate(TopKGate):
     """Top-k gate whose router input is the hidden state plus a learned per-modality embedding; with
     ``input_has_embedding`` the layer has added the embedding already (the experts see it too)."""
+    normal_init_parameters = ("modality_embed", )
 
     def __init__(self, hidden_size: int, num_experts: int, input_has_embedding: bool, **gate_kwargs):
         super().__init__(hidden_size, num_experts, **gate_kwargs)
         self.input_has_embedding = input_has_embedding
         self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, hidden_size))
-        nn.init.trunc_normal_(self.modality_embed, std=0.02)
         # [modality, expert] routed-token counts of the last forward, for logging only.
         # Integer counts: a bf16 engine casts floating buffers, and bf16 cannot count past 256.
         self.register_buffer("expert_load", torch.zeros(NUM_MODALITIES, num_experts, dtype=torch.long),
@@ -97,16 +101,61 @@ class ModalityAwareGate(TopKGate):
         self.expert_load.copy_(load)
 
 
+def expert_parallel_group(group_name: str, ep_size: int):
+    """The expert-parallel process group of ``ep_size`` (DeepSpeed's), created on first use."""
+    if group_name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(group_name)
+
+
+def tag_for_expert_partitioning(params, group_name: str):
+    """Tags expert parameters so that ZeRO-3 partitions each over its expert-data-parallel group (the ranks
+    holding the same experts) rather than over all ranks, as it does for AutoEP's experts."""
+    group = groups._get_expert_data_parallel_group(group_name)
+    for param in params:
+        param.ds_zero_placement_family = "autoep_expert"
+        param.ds_zero_partition_group_name = group_name
+        param.ds_zero_partition_process_group = group
+
+
+@contextmanager
+def zero_init_paused(paused: bool):
+    """Modules built in this context keep whole parameters even inside ``deepspeed.zero.Init``, which would
+    partition them over all ranks as each module is built."""
+    if paused:
+        shutdown_init_context()
+    try:
+        yield
+    finally:
+        if paused:
+            restore_init_context()
+
+
+class LocalExperts(Experts):
+    """This rank's experts, each built by ``build(local_index)``: DeepSpeed's ``Experts`` deep-copies one template,
+    which ``deepspeed.zero.Init`` would already have partitioned."""
+
+    def __init__(self, build, num_local_experts: int, expert_group_name: str):
+        nn.Module.__init__(self)
+        self.deepspeed_experts = nn.ModuleList(build(index) for index in range(num_local_experts))
+        self.num_local_experts = num_local_experts
+        for param in self.deepspeed_experts.parameters():  # what the DeepSpeed engine reads of expert parameters
+            param.allreduce = False
+            param.group_name = expert_group_name
+
+
 class ModalityAwareMoE(nn.Module):
-    """Sparse top-k MoE FFN with modality-aware routing; ``expert`` is the template of every expert.
+    """Sparse top-k MoE FFN with modality-aware routing; ``make_expert()`` builds one expert.
 
     Built from DeepSpeed's MoE pieces (``MOELayer`` for dispatch and all-to-all, ``Experts``), with the
-    attributes and ``set_deepspeed_parallelism`` hook the DeepSpeed engine expects of an MoE layer.
+    attributes and ``set_deepspeed_parallelism`` hook the DeepSpeed engine expects of an MoE layer. Under
+    ``deepspeed.zero.Init`` each expert is built whole, initialised, and then partitioned over its
+    expert-data-parallel group (the ranks that hold it), not over all ranks as zero.Init would.
     """
 
-    def __init__(self, hidden_size: int, expert: nn.Module, placement: ExpertPlacement, k: int = 2,
+    def __init__(self, hidden_size: int, make_expert, placement: ExpertPlacement, k: int = 2,
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 init_std: float = 0.02, routing_embedding_to_experts: bool = True):
+                 init_std: float = 0.02, routing_embedding_to_experts: bool = True, init_seed: int = None):
         nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
         num_experts, ep_size = placement.num_experts, placement.ep_size
         self.num_experts, self.ep_size = num_experts, ep_size
@@ -117,9 +166,25 @@ class ModalityAwareMoE(nn.Module):
                                  capacity_factor=capacity_factor,
                                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
-        experts = Experts(expert, self.num_local_experts, self.expert_group_name)
+        seed = init_seed if init_seed is not None else fresh_seed()
+        init_modules_(gate.modules(), init_std, seeded_generator(seed))
+
+        def build_expert(local_index):
+            # A generator keyed by the expert's global index: the weights differ between experts but not with how
+            # experts are spread over ranks.
+            expert = make_expert()
+            init_modules_(expert.modules(), init_std, seeded_generator(seed + 1 + placement.global_index(local_index)))
+            return expert
+
+        partitioned = is_zero_param(gate.wg.weight)  # built under deepspeed.zero.Init
+        with zero_init_paused(partitioned):
+            experts = LocalExperts(build_expert, self.num_local_experts, self.expert_group_name)
+        if partitioned:
+            expert_parallel_group(self.expert_group_name, ep_size)
+            experts.to(gate.wg.weight.dtype)
+            tag_for_expert_partitioning(experts.parameters(), self.expert_group_name)
+            gate.wg.weight.convert_to_zero_parameters(list(experts.parameters()))
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
-        self._init_experts(placement, init_std)
         if routing_embedding_to_experts:
             # This layer reads the gate's embedding outside the gate's forward: ZeRO-3 must gather it here too.
             register_external_parameter(self, gate.modality_embed)
@@ -132,21 +197,6 @@ class ModalityAwareMoE(nn.Module):
     def local_experts(self) -> nn.ModuleList:
         return self.deepspeed_moe.experts.deepspeed_experts
 
-    @torch.no_grad()
-    def _init_experts(self, placement: ExpertPlacement, std: float):
-        # DeepSpeed's experts start as copies of one template. Each expert here draws from a generator keyed
-        # by its global index instead, so the weights differ between experts but not with how experts are
-        # spread over ranks (the base seed comes from the global RNG, which every rank seeds alike).
-        base_seed = int(torch.randint(0, 2**62, (), device="cpu").item())
-        for local_index, expert in enumerate(self.local_experts):
-            generator = torch.Generator().manual_seed(base_seed + placement.global_index(local_index))
-            for linear in (module for module in expert.modules() if isinstance(module, nn.Linear)):
-                weight = torch.empty(linear.weight.shape)
-                nn.init.trunc_normal_(weight, std=std, generator=generator)
-                linear.weight.copy_(weight)
-                if linear.bias is not None:
-                    linear.bias.zero_()
-
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False):
         """Called by the DeepSpeed engine: joins the expert-parallel group, and tags expert parameters so that
         ZeRO-3 partitions each over the expert-data-parallel group (the ranks holding the same experts)
@@ -154,14 +204,8 @@ class ModalityAwareMoE(nn.Module):
         if use_data_before_expert_parallel_:
             raise ValueError("use_data_before_expert_parallel_ is not supported: experts are initialised for "
                              "DeepSpeed's default layout of expert-parallel groups")
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(self.ep_size)
-        self.deepspeed_moe._set_ep_group(groups._get_expert_parallel_group(self.expert_group_name))
-        expert_data_parallel_group = groups._get_expert_data_parallel_group(self.expert_group_name)
-        for param in self.local_experts.parameters():
-            param.ds_zero_placement_family = "autoep_expert"
-            param.ds_zero_partition_group_name = self.expert_group_name
-            param.ds_zero_partition_process_group = expert_data_parallel_group
+        self.deepspeed_moe._set_ep_group(expert_parallel_group(self.expert_group_name, self.ep_size))
+        tag_for_expert_partitioning(self.local_experts.parameters(), self.expert_group_name)
 
     def forward(self, hidden_states: torch.Tensor, modality_ids: torch.Tensor):
         """Returns the FFN output (shape of ``hidden_states``) and the auxiliary load-balancing loss."""

@@ -5,6 +5,7 @@ from torch import nn
 
 from eve_ds.config import EVEConfig
 from eve_ds.model import EVE, ExpertPlacement
+from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
 from eve_ds.objectives.masking import IGNORE_INDEX
 
 
@@ -28,12 +29,11 @@ class MaskedSignalModeling(nn.Module):
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None):
         super().__init__()
         self.config = config
+        heads_seed = fresh_seed()
         self.encoder = EVE(config, placement)
         self.image_head = nn.Linear(config.hidden_size, config.patch_size**2 * config.in_channels)
         self.text_head = nn.Linear(config.hidden_size, config.vocab_size)
-        for head in (self.image_head, self.text_head):
-            nn.init.trunc_normal_(head.weight, std=config.init_std)
-            nn.init.zeros_(head.bias)
+        init_modules_([self.image_head, self.text_head], config.init_std, seeded_generator(heads_seed))
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "MaskedSignalModeling":

@@ -1,0 +1,61 @@
+"""EVE's initial weights: a truncated normal of std ``init_std`` for the weights of linear, convolution and
+embedding layers and for learned vectors, zero biases, unit norms.
+
+Draws are made on the CPU from a generator the model owns (seeded by one draw of the global RNG, which every
+rank seeds alike), so the weights come out the same on any device, for any expert layout, and whether or not
+``deepspeed.zero.Init`` partitions each module's parameters as soon as it is built: a module's parameters are
+gathered while they are written (``whole``), which does nothing to parameters that are not partitioned.
+"""
+from contextlib import contextmanager
+
+import torch
+from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from torch import nn
+
+
+def fresh_seed(generator: torch.Generator = None) -> int:
+    """One draw of ``generator``, or of the global RNG."""
+    return int(torch.randint(0, 2**62, (), generator=generator, device="cpu").item())
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def whole(module: nn.Module):
+    """The module's own parameters, gathered from their ZeRO-3 partitions while in the context; what is
+    written to them is kept (every rank writes the same values; the first rank of each partition group's are
+    broadcast)."""
+    with GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=0):
+        yield
+
+
+@torch.no_grad()
+def trunc_normal_(param: torch.Tensor, std: float, generator: torch.Generator):
+    if param.is_meta:  # a model built on the meta device only to count its parameters
+        return
+    value = torch.empty(param.shape, device="cpu")
+    nn.init.trunc_normal_(value, std=std, generator=generator)
+    param.copy_(value)
+
+
+@torch.no_grad()
+def init_module_(module: nn.Module, std: float, generator: torch.Generator):
+    """Initialises the module's own parameters (not its children's): linear, convolution and embedding layers
+    and norms by type, and any parameters the module names in ``normal_init_parameters``."""
+    with whole(module):
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            trunc_normal_(module.weight, std, generator)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        for name in getattr(module, "normal_init_parameters", ()):
+            trunc_normal_(getattr(module, name), std, generator)
+
+
+def init_modules_(modules, std: float, generator: torch.Generator):
+    for module in modules:
+        init_module_(module, std, generator)
