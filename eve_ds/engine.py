@@ -2,6 +2,7 @@
 
 The model knows nothing of DeepSpeed launch details; everything distributed is applied from here.
 """
+import atexit
 import ctypes
 import json
 import os
@@ -46,14 +47,22 @@ def return_freed_memory_to_the_os():
         pass
 
 
+def close_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed():
     """torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. On CPU, when every rank is on one
     machine, DeepSpeed's shared-memory all-reduce creates a 66 MB file in /dev/shm per rank and never removes
     it; once all ranks have mapped their peers' files (a barrier), each removes its file's name, so that the
-    memory goes with the processes however they end."""
+    memory goes with the processes however they end. A gloo process that exits with its process groups alive
+    can abort in interpreter teardown ("terminate called without an active exception", pytorch#190489): a
+    finished run would exit -6; the groups are destroyed at exit instead."""
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         return
+    atexit.register(close_distributed)
     return_freed_memory_to_the_os()
     dist.barrier()
     shared = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
