@@ -35,7 +35,7 @@ def distributed_run(request, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp(request.param)
     config = {"train_micro_batch_size_per_gpu": MICRO_BATCH, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
-              "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "torch_adam": True}},
+              "optimizer": {"type": "AdamW", "params": {**OPTIMIZER, "torch_adam": True, "fused": True}},
               "eve": {"expert_parallel_size": ep_size, "activation_checkpointing": activation_checkpointing}}
     config_path, out = tmp_path / "ds.json", tmp_path / "step.pt"
     config_path.write_text(json.dumps(config))

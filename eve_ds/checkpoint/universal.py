@@ -84,7 +84,9 @@ def restore_optimizer_state(engine, universal: UniversalCheckpoint, global_name)
         [flat for group in inner.param_groups for flat in group["params"]]
     for flat in partitions:
         if "exp_avg" not in inner.state.get(flat, {}):
-            inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+            # The fused kernel keeps the step count on the parameters' device, the others on the CPU.
+            step_device = flat.device if inner.defaults.get("fused") else "cpu"
+            inner.state[flat] = {"step": torch.zeros((), device=step_device), "exp_avg": torch.zeros_like(flat),
                                  "exp_avg_sq": torch.zeros_like(flat)}
     lazy_link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
     if lazy_link is not None:  # ZeRO-1/2 link each parameter's fragment of that state on first use
