@@ -1,16 +1,21 @@
 """Speed of an EVE pre-training step: time, throughput, activated TFLOP/s, MFU, memory, and where the time goes.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/step.py --model eve-tiny \\
-        --deepspeed_config ds_configs/zero2_ep.json [--routing both] [--micro-batch 8] [--warmup 3 --steps 10]
+        --deepspeed_config ds_configs/zero2_ep.json [--routing both] [--micro-batch 8] [--warmup 3 --steps 10] \\
+        [--data 'data/shapes/shards/{00000..00003}.tar' --num-workers 2]
 
 Runs ``--warmup`` untimed and ``--steps`` timed steps of the preset on synthetic batches (random pixels, text
-of 60% real tokens, the pre-training masks) on the device at hand, with the model's own routing and/or with
+of 60% real tokens, the pre-training masks), or with ``--data`` on the pre-training stream of those sources
+(decoding, augmentation and masking in ``--num-workers`` loader processes; the time spent waiting for them is
+reported), on the device at hand, with the model's own routing and/or with
 routing forced to balance (every token to experts i and i+1 mod E, so each expert gets exactly its share, as
 published MoE figures measure). Then one profiled step splits the time between attention, multiway FFNs, the
-MoE layer (gate; experts; dispatch, combine and all-to-all), the backward pass and the optimizer step.
+MoE layer (gate; experts; dispatch, combine and all-to-all), the backward pass, the optimizer step and waiting
+for data.
 TFLOP/s count the activated FLOPs of eve_ds/flops.py; MFU is against ``--peak-tflops`` per rank.
 """
 import argparse
+import itertools
 import resource
 import statistics
 import sys
@@ -24,18 +29,21 @@ from deepspeed.moe.experts import Experts
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from eve_ds.config import preset  # noqa: E402
+from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source  # noqa: E402
 from eve_ds.engine import build_model, init_distributed, initialize, load_deepspeed_config  # noqa: E402
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops  # noqa: E402
 from eve_ds.model.eve import Attention, MultiwayFFN  # noqa: E402
 from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, ModalityAwareMoE  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig  # noqa: E402
 from eve_ds.objectives.masking import IGNORE_INDEX  # noqa: E402
+from eve_ds.pretrain import default_tokenizer  # noqa: E402
+from eve_ds.trainer import to_device  # noqa: E402
 
 PARTS = {Attention: "attention", MultiwayFFN: "multiway FFN", ModalityAwareMoE: "MoE layer",
          ModalityAwareGate: "MoE gate", Experts: "MoE experts"}
 
 
-def synthetic_batch(config, size: int, device, generator) -> dict:
+def synthetic_batch(config, size: int, generator) -> dict:
     masking = MaskingConfig()
     text_len, real = config.max_text_len, int(0.6 * config.max_text_len)
     text_ids = torch.randint(5, config.vocab_size, (size, text_len), generator=generator)
@@ -43,9 +51,9 @@ def synthetic_batch(config, size: int, device, generator) -> dict:
     chosen = (torch.rand(size, text_len, generator=generator) < masking.text_mask_ratio) & padding
     image_mask = torch.rand(size, config.num_patches, generator=generator).argsort(1) < \
         round(masking.image_mask_ratio * config.num_patches)
-    return {"images": torch.rand(size, 3, config.image_size, config.image_size, generator=generator).to(device) * 2 - 1,
-            "image_mask": image_mask.to(device), "text_ids": text_ids.to(device),
-            "text_labels": torch.where(chosen, text_ids, IGNORE_INDEX).to(device), "text_padding_mask": padding.to(device)}
+    return {"images": torch.rand(size, 3, config.image_size, config.image_size, generator=generator) * 2 - 1,
+            "image_mask": image_mask, "text_ids": text_ids, "text_labels": torch.where(chosen, text_ids, IGNORE_INDEX),
+            "text_padding_mask": padding}
 
 
 def force_balanced_routing(model) -> list:
@@ -81,30 +89,54 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
+def synthetic_batches(config, args, engine, rank):
+    """Two synthetic micro-batches on the device, used in turn: no time is spent waiting for data."""
+    generator = torch.Generator().manual_seed(rank)
+    batches = [to_device(synthetic_batch(config, args.micro_batch, generator), engine) for _ in range(2)]
+    return (batches[step % 2] for step in itertools.count())
+
+
+def stream_batches(config, tokenizer, args, engine, rank, world_size):
+    """Micro-batches of the pre-training stream of ``--data``, read by ``--num-workers`` loader processes."""
+    stream = PretrainingStream([open_source(spec) for spec in args.data], [1.0] * len(args.data),
+                               MaskedSamples(tokenizer, config.image_size, config.patch_size, MaskingConfig()),
+                               args.micro_batch, rank, world_size, args.num_workers)
+    position = StreamPosition(stream)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers)
+    for batch in loader:
+        position.consume(batch)
+        yield to_device(batch, engine)
+
+
 def run(engine, config, batches, args, device, routing: str) -> dict:
     handles = force_balanced_routing(engine.module) if routing == "balanced" else []
-    step_flops = sum(training_flops(config, config.num_image_tokens, config.max_text_len,
-                                    float(b["image_mask"].sum()) / len(b["images"]),
-                                    float((b["text_labels"] != IGNORE_INDEX).sum()) / len(b["images"])) * len(b["images"])
-                     for b in batches[:1])
-    times = []
+    times, waits, flops, tokens = [], [], [], []
     for step in range(args.warmup + args.steps):
         synchronize(device)
         started = time.perf_counter()
-        outputs = engine(**batches[step % len(batches)])
+        batch = next(batches)
+        waited = time.perf_counter() - started
+        outputs = engine(**batch)
         engine.backward(outputs["loss"])
         engine.step()
         synchronize(device)
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
-    split = profile_step(engine, batches[0], device)
+            waits.append(waited)
+            size = len(batch["images"])
+            flops.append(size * training_flops(config, config.num_image_tokens, config.max_text_len,
+                                               float(batch["image_mask"].sum()) / size,
+                                               float((batch["text_labels"] != IGNORE_INDEX).sum()) / size))
+            tokens.append(size * config.num_image_tokens + int(batch["text_padding_mask"].sum()))
+    split = profile_step(engine, next(batches), device)
+    split["waiting for data"] = statistics.median(waits)
     for handle in handles:
         handle.remove()
     median = statistics.median(times)
-    tflops = step_flops / median / 1e12
+    tflops = statistics.median(flops) / median / 1e12
     return {"routing": routing, "median": median, "spread": (max(times) - min(times)) / median,
-            "samples": args.micro_batch / median, "tokens": args.micro_batch * (config.num_image_tokens + int(
-                0.6 * config.max_text_len)) / median, "tflops": tflops, "mfu": tflops / args.peak_tflops, "split": split}
+            "samples": args.micro_batch / median, "tokens": statistics.median(tokens) / median, "tflops": tflops,
+            "mfu": tflops / args.peak_tflops, "wait": sum(waits) / sum(times), "split": split}
 
 
 def profile_step(engine, batch, device) -> dict:
@@ -139,11 +171,18 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--routing", choices=("real", "balanced", "both"), default="both")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS)
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="shard patterns, folders or manifests to read (default: synthetic batches)")
+    parser.add_argument("--tokenizer", default=None, help="with --data: default, the one beside the first source")
+    parser.add_argument("--num-workers", type=int, default=2, help="with --data: loader processes per rank")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = preset(args.model)
+    if args.data:
+        tokenizer = TextTokenizer(args.tokenizer or default_tokenizer(args.data[0]), config.max_text_len)
+        config = config.replace(vocab_size=tokenizer.vocab_size)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts,
                                                    args.warmup + args.steps + 1)
     if args.micro_batch:
@@ -156,26 +195,25 @@ def main():
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
     device = engine.device
-    generator = torch.Generator().manual_seed(rank)
-    batches = [synthetic_batch(config, args.micro_batch, device, generator) for _ in range(2)]
-    if engine.bfloat16_enabled():
-        for batch in batches:
-            batch["images"] = batch["images"].bfloat16()
+    batches = (stream_batches(config, tokenizer, args, engine, rank, world_size) if args.data
+               else synthetic_batches(config, args, engine, rank))
     routings = ("real", "balanced") if args.routing == "both" else (args.routing, )
     results = [run(engine, config, batches, args, device, routing) for routing in routings]
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if rank != 0:
         return
+    data = f"data {' '.join(args.data)} ({args.num_workers} workers)" if args.data else "synthetic batches"
     print(f"\n{args.model}, {Path(args.deepspeed_config).name}, {world_size} ranks ({device.type}), micro batch "
-          f"{args.micro_batch} per rank, torch {torch.__version__}; per rank:")
-    print("| routing | step (median) | spread | samples/s | tokens/s | TFLOP/s | MFU | peak memory |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"{args.micro_batch} per rank, {data}, torch {torch.__version__}; per rank:")
+    print("| routing | step (median) | spread | samples/s | tokens/s | TFLOP/s | MFU | waiting for data | peak memory |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['routing']} | {r['median'] * 1e3:.1f} ms | {100 * r['spread']:.0f}% | {r['samples']:.1f} | "
-              f"{r['tokens']:.0f} | {r['tflops']:.3g} | {100 * r['mfu']:.2g}% | {peak:.2f} GiB |")
+              f"{r['tokens']:.0f} | {r['tflops']:.3g} | {100 * r['mfu']:.2g}% | {100 * r['wait']:.1f}% | "
+              f"{peak:.2f} GiB |")
     parts = ["attention", "multiway FFN", "MoE gate", "MoE experts", "MoE dispatch, combine, all-to-all", "forward",
-             "backward", "optimizer step"]
+             "backward", "optimizer step", "waiting for data"]
     print("\nOne profiled step, seconds (the forward parts are inside 'forward'):")
     print("| routing | " + " | ".join(parts) + " |")
     print("| --- " * (len(parts) + 1) + "|")

@@ -162,8 +162,12 @@ class Loop:
         for step in range(start_step + 1, self.steps + 1):
             started = time.perf_counter()
             losses, counts, loads = torch.zeros(len(job.loss_names), device=device, dtype=torch.float64), None, None
+            data_wait = 0.0
             for micro_step in range(self.accumulation):
-                inputs, micro_counts = job.inputs(next(self.batches))
+                waiting = time.perf_counter()
+                batch = next(self.batches)
+                data_wait += time.perf_counter() - waiting
+                inputs, micro_counts = job.inputs(batch)
                 count_names = count_names or tuple(micro_counts)
                 micro_counts = torch.tensor([float(micro_counts[name]) for name in count_names], dtype=torch.float64)
                 counts = micro_counts if counts is None else counts + micro_counts
@@ -184,7 +188,7 @@ class Loop:
             record = {"step": step, **dict(zip(job.loss_names, step_losses)), "lr": engine.get_lr()[0],
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "samples_per_s": step_counts["samples"] / step_time, "step_time_s": step_time,
-                      **job.step_record(step, step_counts, step_time)}
+                      "data_wait_s": data_wait, **job.step_record(step, step_counts, step_time)}
             if step % self.log_interval == 0 or step == self.steps:
                 record["expert_load"] = summarize_expert_load(self.moe_layers, [all_reduce(load) for load in loads])
                 if is_main:
@@ -192,7 +196,8 @@ class Loop:
                                             for name, value in zip(job.loss_names, step_losses))
                     progress.write(f"step {step}/{self.steps}  {losses_said}  lr {record['lr']:.2e}  grad_norm "
                                    f"{record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
-                                   f"{job.console(record)}{step_time:.3f} s/step")
+                                   f"{job.console(record)}{step_time:.3f} s/step, "
+                                   f"{100 * data_wait / step_time:.0f}% waiting for data")
             self.run_log.write(record)
             progress.update(1)
             progress.set_postfix(loss=f"{step_losses[0]:.3f}")

@@ -34,6 +34,8 @@ def test_expert_parallel_training_matches_data_parallel(tmp_path, dirty_manifest
     config = preset("eve-tiny").replace(vocab_size=TextTokenizer(SHAPES / "tokenizer.json", 40).vocab_size)
     assert flops == pytest.approx(8 * training_flops(config, 37, 40, 27, 12.5), rel=0.02)  # 8 samples a step
     assert parallel[-1]["mfu"] == pytest.approx(parallel[-1]["tflops_per_rank"] / H100_BF16_DENSE_TFLOPS)
+    assert all(0 <= record["data_wait_s"] < record["step_time_s"] for record in parallel)
+    assert "% waiting for data" in log
     images = EventAccumulator(str(tmp_path / "ep2" / "tensorboard")).Reload().Tags()["images"]
     assert sorted(images) == ["expert_load/layer_2", "expert_load/layer_3"]
     load = parallel[-1]["expert_load"]
