@@ -16,7 +16,7 @@ from eve_ds.engine import (all_gather_objects, build_model, init_distributed, in
                            load_deepspeed_config)
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
-from eve_ds.trainer import step_seed  # noqa: E402
+from eve_ds.trainer import step_seed, to_device  # noqa: E402
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
 
@@ -45,7 +45,8 @@ def main():
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
 
-    batch = shard(global_batch(ds_config["train_micro_batch_size_per_gpu"] * world_size), rank, world_size)
+    batch = to_device(shard(global_batch(ds_config["train_micro_batch_size_per_gpu"] * world_size), rank,
+                            world_size), engine)
     torch.manual_seed(step_seed(SEED, 1, 0, rank))
     loss = engine(**batch)["loss"]
     engine.backward(loss)

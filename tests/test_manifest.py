@@ -23,6 +23,13 @@ def test_every_file_is_digested_once_and_ranks_take_their_own_first(world_size):
     assert max(map(len, shares)) - min(map(len, shares)) <= 2  # spread evenly, whatever the world size
 
 
+def test_a_rank_takes_its_own_file_under_deepspeeds_bf16_name():
+    names = ["zero_pp_rank_0_mp_rank_00_model_states.pt", "zero_pp_rank_1_mp_rank_00_model_states.pt",
+             "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    assert share(names, 1, 2) == ["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+                                  "zero_pp_rank_1_mp_rank_00_model_states.pt"]
+
+
 def make_checkpoint(tmp_path, world_size=3):
     tag_dir = tmp_path / "step_00000010"
     tag_dir.mkdir()

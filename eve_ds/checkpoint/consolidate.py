@@ -31,6 +31,8 @@ DENSE_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES = "layer_{layer}_expert_{expert}_mp_rank_00_model_states.pt"
 RANK_MODEL_STATES = "zero_pp_rank_{rank}_mp_rank_00_model_states.pt"
 RANK_OPTIM_STATES = "zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+# DeepSpeed's name for the same file when the model trains in bf16 or fp16 (the states are fp32 all the same).
+PRECISION_PREFIXES = ("", "bf16_", "fp16_")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # What DeepSpeed pickles beside tensors; allowed so that files load with weights_only=True.
 DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
@@ -167,6 +169,13 @@ def _model_config(states: dict, path: Path) -> EVEConfig:
     return EVEConfig.from_dict(states["model_config"])
 
 
+def rank_optim_states(tag_dir: Path, rank: int) -> Path:
+    """A rank's optimizer file, under the name DeepSpeed gave it for the training precision (the plain name
+    when there is none, for the error that follows)."""
+    names = [tag_dir / (prefix + RANK_OPTIM_STATES.format(rank=rank)) for prefix in PRECISION_PREFIXES]
+    return next((path for path in names if path.is_file()), names[0])
+
+
 def _inner_optimizer(optim: dict, path: Path) -> dict:
     inner = optim.get("base_optimizer_state") or optim.get("optimizer_state_dict")
     if not inner or "state" not in inner:
@@ -179,7 +188,7 @@ def _read_partitioned(tag_dir: Path, zero3: bool, optimizer_state: bool):
     states = load_file(states_path)
     config = _model_config(states, states_path)
     world_size = states["dp_world_size"]
-    optim_files = [tag_dir / RANK_OPTIM_STATES.format(rank=rank) for rank in range(world_size)]
+    optim_files = [rank_optim_states(tag_dir, rank) for rank in range(world_size)]
     optims = [load_file(path)["optimizer_state_dict"] for path in optim_files]
     if not zero3:
         # The fp32 experts come from the optimizer partitions, but a damaged per-expert file makes the
@@ -237,7 +246,7 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
     notes = _verify(tag_dir)
     if (tag_dir / RANK_MODEL_STATES.format(rank=0)).is_file():
         state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, True, optimizer_state)
-    elif (tag_dir / RANK_OPTIM_STATES.format(rank=0)).is_file():
+    elif rank_optim_states(tag_dir, 0).is_file():
         state_dict, config, stage, states, moments, steps = _read_partitioned(tag_dir, False, optimizer_state)
     elif (tag_dir / DENSE_STATES).is_file():
         state_dict, config, stage, states, moments, steps = _read_stage0(tag_dir)

@@ -16,7 +16,8 @@ from eve_ds.checkpoint.pretrained import write_atomically
 
 MANIFEST, LATEST = "manifest.json", "latest"
 TAG = re.compile(r"^step_(\d+)$")
-RANK_FILE = re.compile(r"^zero_pp_rank_(\d+)_")
+# DeepSpeed prefixes a rank's optimizer file with bf16_ or fp16_ when it trains in that precision.
+RANK_FILE = re.compile(r"^(?:bf16_|fp16_)?zero_pp_rank_(\d+)_")
 DIGEST_CHUNK = 16 * 2**20
 
 
