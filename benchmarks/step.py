@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eve_ds.config import preset  # noqa: E402
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source  # noqa: E402
 from eve_ds.engine import build_model, init_distributed, initialize, load_deepspeed_config  # noqa: E402
-from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops  # noqa: E402
+from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops  # noqa: E402
 from eve_ds.model.eve import Attention, MultiwayFFN  # noqa: E402
 from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, ModalityAwareMoE  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig  # noqa: E402
@@ -123,11 +123,8 @@ def run(engine, config, batches, args, device, routing: str) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - started)
             waits.append(waited)
-            size = len(batch["images"])
-            flops.append(size * training_flops(config, config.num_image_tokens, config.max_text_len,
-                                               float(batch["image_mask"].sum()) / size,
-                                               float((batch["text_labels"] != IGNORE_INDEX).sum()) / size))
-            tokens.append(size * config.num_image_tokens + int(batch["text_padding_mask"].sum()))
+            flops.append(batch_training_flops(config, batch))
+            tokens.append(len(batch["images"]) * config.num_image_tokens + int(batch["text_padding_mask"].sum()))
     split = profile_step(engine, next(batches), device)
     split["waiting for data"] = statistics.median(waits)
     for handle in handles:

@@ -15,6 +15,7 @@ checkpointing is not counted (these are model FLOPs, as in Megatron's MFU). Bias
 softmax are left out (a few per mille).
 """
 from eve_ds.config import EVEConfig
+from eve_ds.objectives.masking import IGNORE_INDEX
 
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -40,3 +41,11 @@ def training_flops(config: EVEConfig, image_tokens: int, text_tokens: int, maske
                    masked_text: float = 0.0) -> float:
     """Activated FLOPs of forward and backward for one sample."""
     return 3.0 * forward_flops(config, image_tokens, text_tokens, masked_patches, masked_text)
+
+
+def batch_training_flops(config: EVEConfig, batch: dict) -> float:
+    """Activated FLOPs of forward and backward for a pre-training micro-batch (its masks count what the heads
+    see)."""
+    size, text_len = batch["text_ids"].shape
+    return size * training_flops(config, config.num_image_tokens, text_len, float(batch["image_mask"].sum()) / size,
+                                 float((batch["text_labels"] != IGNORE_INDEX).sum()) / size)

@@ -22,7 +22,7 @@ from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, load_weights, zero_stage
-from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
+from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.objectives.masking import IGNORE_INDEX
@@ -158,13 +158,10 @@ class PretrainingJob(Job):
 
     def inputs(self, batch: dict) -> tuple:
         skipped = self.position.consume(batch)
-        size, text_len = batch["text_ids"].shape
+        size = len(batch["text_ids"])
         config = self.config
         counts = {"samples": size, "tokens": batch["text_padding_mask"].sum() + size * config.num_image_tokens,
-                  "flops": size * training_flops(config, config.num_image_tokens, text_len,
-                                                 batch["image_mask"].sum() / size,
-                                                 (batch["text_labels"] != IGNORE_INDEX).sum() / size),
-                  **skipped}
+                  "flops": batch_training_flops(config, batch), **skipped}
         return batch, counts
 
     def step_record(self, step: int, counts: dict, step_time: float) -> dict:
