@@ -1,7 +1,12 @@
 """Per-rank training-state memory of EVE under a DeepSpeed config, against the ideal of total / ranks.
 
     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 benchmarks/memory.py --model eve-base \\
-        --deepspeed_config ds_configs/zero3.json
+        --deepspeed_config ds_configs/zero3.json [--finetune-from CONSOLIDATED_DIR | --resume-from UNIVERSAL_DIR]
+
+With ``--finetune-from`` the model is fine-tuning's VQA model loaded from a consolidated folder
+(tools/consolidate.py), as ``launch/finetune.py`` starts, and the steps are VQA steps. With ``--resume-from`` the
+weights and AdamW moments come from a universal checkpoint (tools/reshard.py), as ``launch/pretrain.py
+--resume-from`` starts.
 
 Builds the model, takes one training step on a random micro batch of one sample (so that the optimizer
 state exists) and the backward pass of a second, then, before the second optimizer step, counts the
@@ -21,9 +26,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eve_ds.checkpoint.pretrained import load_weights, pretrained_config  # noqa: E402
+from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state  # noqa: E402
 from eve_ds.config import preset  # noqa: E402
 from eve_ds.engine import (all_gather_objects, build_model, init_distributed, initialize,  # noqa: E402
                            load_deepspeed_config, zero_stage)
+from eve_ds.finetune.vqa import VQAModel  # noqa: E402
 from eve_ds.model import ExpertPlacement  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.params import parameter_counts  # noqa: E402
@@ -69,12 +77,21 @@ def memory_breakdown(engine) -> dict:
     return breakdown
 
 
-def random_micro_batch(config, size: int) -> dict:
+def anonymous_resident_bytes() -> int:
+    """This process's resident memory that is not a mapped file (Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("RssAnon:"))) * 2**10
+
+
+def random_micro_batch(config, size: int, vqa_answers: int = None) -> dict:
+    """A pre-training micro batch, or with ``vqa_answers`` a VQA one."""
     text = torch.randint(5, config.vocab_size, (size, config.max_text_len))
-    return {"images": torch.rand(size, 3, config.image_size, config.image_size) * 2 - 1,
-            "image_mask": torch.rand(size, config.num_patches) < 0.75, "text_ids": text,
-            "text_labels": torch.where(torch.rand(size, config.max_text_len) < 0.5, text, -100),
-            "text_padding_mask": torch.ones(size, config.max_text_len, dtype=torch.bool)}
+    batch = {"images": torch.rand(size, 3, config.image_size, config.image_size) * 2 - 1, "text_ids": text,
+             "text_padding_mask": torch.ones(size, config.max_text_len, dtype=torch.bool)}
+    if vqa_answers:
+        return {**batch, "targets": torch.rand(size, vqa_answers)}
+    return {**batch, "image_mask": torch.rand(size, config.num_patches) < 0.75,
+            "text_labels": torch.where(torch.rand(size, config.max_text_len) < 0.5, text, -100)}
 
 
 def main():
@@ -86,11 +103,15 @@ def main():
     parser.add_argument("--whole-model-build", action="store_true",
                         help="build the whole model on every rank and let the engine partition it (as before ZeRO-3 "
                              "start-up used deepspeed.zero.Init), to compare start-up memory")
+    parser.add_argument("--finetune-from", type=Path, default=None, metavar="CONSOLIDATED_DIR",
+                        help="start as fine-tuning does: the VQA model loaded from this folder (its model, not --model)")
+    parser.add_argument("--resume-from", type=Path, default=None, metavar="UNIVERSAL_DIR",
+                        help="start from a universal checkpoint of --model, as pre-training's --resume-from does")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    config = preset(args.model)
+    config = pretrained_config(args.finetune_from) if args.finetune_from else preset(args.model)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10)
     ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"] = 1, world_size
     ds_config["bf16"] = {"enabled": False}
@@ -98,41 +119,62 @@ def main():
 
     torch.manual_seed(0)
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
-    build = lambda: MaskedSignalModeling(config, placement)  # noqa: E731
-    model = build() if args.whole_model_build else build_model(build, ds_config)
-    start_up = {"built": peak_memory_mb(torch.device("cpu")) * 2**20}
+    if args.finetune_from:
+        model = VQAModel.from_pretrained(args.finetune_from, placement=placement,
+                                         ds_config=None if args.whole_model_build else ds_config)
+    else:
+        build = lambda: MaskedSignalModeling(config, placement)  # noqa: E731
+        model = build() if args.whole_model_build else build_model(build, ds_config)
+    if args.resume_from:
+        universal = load_universal(args.resume_from)
+        global_names = {name: placement.global_name(name) for name in model.state_dict()}
+        load_weights(model, universal.weights.renamed(global_names), args.resume_from)
+    start_up, anonymous = {}, {}
+
+    def measure(stage: str, device):
+        start_up[stage] = peak_memory_mb(device) * 2**20
+        if device.type == "cpu":  # the peak counts the pages of weights files mapped while reading them
+            anonymous[stage] = anonymous_resident_bytes()
+
+    measure("built", torch.device("cpu"))
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
-    start_up["engine"] = peak_memory_mb(engine.device) * 2**20
-    batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1).items()}
+    if args.resume_from:
+        restore_optimizer_state(engine, universal, placement.global_name)
+    measure("engine", engine.device)
+    vqa_answers = model.num_answers if args.finetune_from else None
+    batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1, vqa_answers).items()}
     engine.backward(engine(**batch)["loss"])
     engine.step()
     engine.backward(engine(**batch)["loss"])  # gradients now live beside the optimizer state
     del batch
     gc.collect()
 
-    start_up["after_two_steps"] = peak_memory_mb(engine.device) * 2**20
+    measure("after_two_steps", engine.device)
     per_rank = all_gather_objects(memory_breakdown(engine))
-    start_up_per_rank = all_gather_objects(start_up)
+    start_up_per_rank, anonymous_per_rank = all_gather_objects(start_up), all_gather_objects(anonymous)
     if rank == 0:
         total = parameter_counts(config).total
         ideal = BYTES_PER_PARAMETER * total / world_size
-        report = {"model": args.model, "config": Path(args.deepspeed_config).name, "zero_stage": zero_stage(ds_config),
+        report = {"model": str(args.finetune_from or args.model), "config": Path(args.deepspeed_config).name, "zero_stage": zero_stage(ds_config),
                   "expert_parallel_size": ep_size, "ranks": world_size, "parameters": total,
                   "ideal_bytes_per_rank": ideal, "per_rank": per_rank,
-                  "whole_model_build": args.whole_model_build, "peak_bytes_per_rank": start_up_per_rank}
+                  "whole_model_build": args.whole_model_build, "peak_bytes_per_rank": start_up_per_rank,
+                  "anonymous_bytes_per_rank": anonymous_per_rank}
         gib = lambda size: f"{size / 2**30:.2f}"  # noqa: E731
-        print(f"{args.model} {report['config']} (ZeRO-{report['zero_stage']}, ep {ep_size}, {world_size} ranks), "
+        print(f"{report['model']} {report['config']} (ZeRO-{report['zero_stage']}, ep {ep_size}, {world_size} ranks), "
               f"GiB per rank; ideal total/N {gib(ideal)}")
         for rank_index, breakdown in enumerate(per_rank):
             print(f"  rank {rank_index}: " + ", ".join(f"{name} {gib(size)}" for name, size in breakdown.items())
                   + f" ({breakdown['total'] / ideal:.2f} x ideal)")
         zero_init = zero_stage(ds_config) == 3 and not args.whole_model_build
         print(f"peak memory per rank (GiB; resident set on CPU, allocated on GPU), model built "
-              f"{'under deepspeed.zero.Init' if zero_init else 'whole on each rank'}, after:")
-        for rank_index, peaks in enumerate(start_up_per_rank):
-            print(f"  rank {rank_index}: " + ", ".join(f"{stage.replace('_', ' ')} {gib(size)}"
-                                                      for stage, size in peaks.items()))
+              f"{'under deepspeed.zero.Init' if zero_init else 'whole on each rank'}, after (on CPU, in brackets: "
+              "resident then, not counting mapped files):")
+        for rank_index, (peaks, anonymous_now) in enumerate(zip(start_up_per_rank, anonymous_per_rank)):
+            print(f"  rank {rank_index}: " + ", ".join(
+                f"{stage.replace('_', ' ')} {gib(size)}" + (f" ({gib(anonymous_now[stage])})" if anonymous_now else "")
+                for stage, size in peaks.items()))
         print("RESULT " + json.dumps(report))
     if args.checkpoint_dir:
         engine.save_checkpoint(args.checkpoint_dir, tag="step_00000001",

@@ -13,11 +13,10 @@ import torch
 import torch.distributed as dist
 import deepspeed
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-from deepspeed.utils import groups, set_z3_leaf_modules
+from deepspeed.utils import groups
 
 from eve_ds.config import ConfigError
-from eve_ds.model.init import whole
-from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, use_engine_managed_moe
+from eve_ds.model.moe import ExpertPlacement, use_engine_managed_moe
 
 # Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
 EVE_SECTION = "eve"
@@ -186,36 +185,12 @@ def build_model(build, ds_config: dict) -> torch.nn.Module:
         return build()
 
 
-@torch.no_grad()
-def load_weights(model: torch.nn.Module, weights: dict):
-    """``model.load_state_dict(weights)``, strict, for a model whose parameters ZeRO-3 may have partitioned
-    (``build_model``): each module's parameters are gathered while they are written."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for prefix, module in model.named_modules():
-        with whole(module):
-            for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-                key = f"{prefix}.{name}" if prefix else name
-                if key not in weights:  # a buffer that is not saved
-                    continue
-                if weights[key].shape != tensor.shape:
-                    raise ValueError(f"weight {key} has shape {tuple(weights[key].shape)}, the model's is "
-                                     f"{tuple(tensor.shape)}")
-                tensor.copy_(weights[key])
-
-
 def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlacement, param_groups: list = None,
                lr_scheduler=None):
     """Wraps the model (built with ``placement``) in a DeepSpeed engine; returns (engine, lr scheduler).
     ``param_groups`` default to ``optimizer_param_groups``; ``lr_scheduler`` (a callable of the optimizer)
     replaces the config's "scheduler"."""
-    if zero_stage(ds_config) == 3:
-        # The gate reads its router weight directly rather than calling that Linear, so ZeRO-3 must gather
-        # the gate's parameters as one leaf module.
-        set_z3_leaf_modules(model, [ModalityAwareGate])
-    else:
+    if zero_stage(ds_config) != 3:
         use_engine_managed_moe(model)
     if param_groups is None:
         param_groups = optimizer_param_groups(model, ds_config.get("optimizer", {}).get("params", {}).get(

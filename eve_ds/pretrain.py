@@ -15,13 +15,14 @@ import torch
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.pretrained import load_weights
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
-from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, load_weights, zero_stage
+from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
@@ -226,7 +227,8 @@ def main(argv=None, stop: StopRequest = None):
     torch.manual_seed(args.seed)
     model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
     if universal is not None:
-        load_weights(model, {name: universal.weights[placement.global_name(name)] for name in model.state_dict()})
+        global_names = {name: placement.global_name(name) for name in model.state_dict()}
+        load_weights(model, universal.weights.renamed(global_names), args.resume_from)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "
@@ -245,6 +247,7 @@ def main(argv=None, stop: StopRequest = None):
         restore_optimizer_state(engine, universal, placement.global_name)
         start_step, saved_state = universal.step, universal.client_state
         logger.info("resumed from universal checkpoint %s at step %d", args.resume_from, start_step)
+        del universal  # unmaps its files, whose pages would count in this rank's resident memory for the whole run
     if start_step and "data" in saved_state:
         position.restore(saved_state["data"])
         if saved_state["data"]["layout"] != stream.describe():

@@ -159,6 +159,14 @@ def test_loading_into_another_model_reports_keys(run, tmp_path):
         EVE.from_pretrained(tmp_path / "out")
 
 
+def test_truncated_weights_file_is_refused_by_name(run, tmp_path):
+    assert consolidate_cli(run, tmp_path / "out").returncode == 0
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"model.safetensors: cannot be read \(.*not fully covered"):
+        EVE.from_pretrained(tmp_path / "out")
+
+
 def test_interrupted_write_leaves_no_partial_file(run, tmp_path, monkeypatch):
     checkpoint = consolidate(run)
 

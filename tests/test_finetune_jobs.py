@@ -7,7 +7,7 @@ import pytest
 
 from eve_ds.finetune.annotations import read_answer_list, read_vqa
 from eve_ds.finetune.tasks import EXAMPLES
-from tests.conftest import SHAPES, launch, launch_pretrain, read_metrics, run_tool, small_ds_config
+from tests.conftest import REPO, SHAPES, launch, launch_pretrain, read_metrics, run_tool, small_ds_config
 
 pytestmark = pytest.mark.distributed
 
@@ -61,13 +61,38 @@ def test_nlvr2_fine_tunes_with_the_moe_loss_and_a_cosine_schedule(pretrained, tm
     assert summary["val_accuracy"] in {100 * n / 16 for n in range(17)}
 
 
-def test_retrieval_fine_tunes_and_reports_recall_with_and_without_reranking(pretrained, tmp_path):
-    records, summary, _ = finetune("retrieval", pretrained, tmp_path / "retrieval", "--batch-size", 32)
+@pytest.fixture(scope="module")
+def retrieval_run(pretrained, tmp_path_factory):
+    """Retrieval fine-tuned under its shipped config (ZeRO-2, expert parallelism 2): (out, records, summary)."""
+    out = tmp_path_factory.mktemp("retrieval") / "run"
+    records, summary, _ = finetune("retrieval", pretrained, out, "--batch-size", 32)
+    return out, records, summary
+
+
+def test_retrieval_fine_tunes_and_reports_recall_with_and_without_reranking(pretrained, retrieval_run):
+    out, records, summary = retrieval_run
     assert len(records) == 10  # 320 captions / 32
     for prefix in ("val_itc_", "val_"):
         for direction in ("tr", "ir"):
             recalls = [summary[f"{prefix}{direction}_r@{k}"] for k in (1, 5, 10)]
             assert recalls == sorted(recalls) and 0 <= recalls[0] and recalls[-1] <= 100
-    output = launch("tools/evaluate.py", "--task", "retrieval", "--pretrained", pretrained, "--run",
-                    tmp_path / "retrieval", "--eval-split", "test")
+    output = launch("tools/evaluate.py", "--task", "retrieval", "--pretrained", pretrained, "--run", out,
+                    "--eval-split", "test")
     assert "dual encoder" in output and "re-ranked" in output
+
+
+def test_retrieval_under_zero3_takes_zero2s_steps(pretrained, retrieval_run, tmp_path):
+    """ZeRO-3 with every parameter partitioned: the model is built partitioned and the weights read into the
+    partitions; each step runs the encoder three times (image, text, joint), and each MoE gate with it; the
+    encoder's own parameters are gathered for the image-only and text-only passes too."""
+    _, records, summary = retrieval_run
+    config = json.loads((REPO / "ds_configs" / "finetune_retrieval.json").read_text())
+    config["zero_optimization"] = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0}
+    (tmp_path / "zero3.json").write_text(json.dumps(config))
+    zero3_records, zero3_summary, log = finetune("retrieval", pretrained, tmp_path / "zero3", "--batch-size", 32,
+                                                 "--deepspeed_config", tmp_path / "zero3.json")
+    assert "ZeRO stage 3, expert-parallel size 2" in log
+    assert [record["loss"] for record in zero3_records] == pytest.approx([record["loss"] for record in records],
+                                                                         rel=1e-5)
+    recalls = {key: value for key, value in summary.items() if key.startswith("val_")}
+    assert {key: zero3_summary[key] for key in recalls} == pytest.approx(recalls, abs=1e-4)

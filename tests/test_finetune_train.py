@@ -1,13 +1,15 @@
 """The fine-tuning job's own rules, without launches (tests/test_finetune_jobs.py launches it)."""
+import json
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from eve_ds.config import PRESETS
+from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data import TextTokenizer
 from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
-from eve_ds.finetune.train import epoch_batches, paper_layout, parse_args, preset_name
+from eve_ds.finetune.train import epoch_batches, fine_tuning_deepspeed_config, paper_layout, parse_args, preset_name
 from tests.conftest import SHAPES
 
 
@@ -48,3 +50,13 @@ def test_recipes_follow_the_size_of_the_weights_and_metrics_print_as_in_the_pape
     recalls.update({"r_mean": 53.3, "itc_r_mean": 53.3})
     table = paper_layout("retrieval", recalls, "test")
     assert "dual encoder" in table and table.count("100.0") == 4
+
+
+def test_a_config_whose_fixed_micro_batch_misses_the_global_batch_is_refused(tmp_path):
+    path = tmp_path / "zero3.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3}}))
+    args = SimpleNamespace(deepspeed_config=path)
+    with pytest.raises(ConfigError, match="global batch of 32, not the 128 asked for"):
+        fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 128)
+    ds_config, _ = fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 32)
+    assert ds_config["train_batch_size"] == 32

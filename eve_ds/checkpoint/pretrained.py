@@ -1,15 +1,19 @@
-"""Consolidated weights on disk: ``model.safetensors`` plus ``config.json`` in one folder."""
+"""Consolidated weights on disk: ``model.safetensors`` plus ``config.json`` in one folder, and loading weights into
+a model whose parameters ZeRO-3 may have partitioned, one tensor read at a time."""
+import copy
 import json
 import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from eve_ds.config import EVEConfig
+from eve_ds.model.init import whole
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
@@ -46,31 +50,77 @@ def pretrained_config(path) -> EVEConfig:
         raise ValueError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
 
 
-def load_pretrained(path, image_size: int = None, max_text_len: int = None) -> tuple:
-    """Returns (state dict, EVEConfig) from a folder written by save_pretrained (tools/consolidate.py).
+class StoredWeights(Mapping):
+    """The tensors of a safetensors file by name, each taken from the mapped file when asked for: a rank that
+    loads them into its ZeRO-3 partitions reads only the tensors it needs and copies none but into its
+    partitions. ``renamed`` and ``replaced`` are views of the same file under other names or with some tensors
+    given in memory."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self._file = safe_open(str(self.path), framework="pt")
+        except (SafetensorError, OSError) as error:
+            raise ValueError(f"{self.path}: cannot be read ({error})") from None
+        self._keys = {key: key for key in self._file.keys()}  # name -> key in the file
+        self._in_memory = {}  # key in the file -> the tensor to give instead
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._keys[name]
+        if key in self._in_memory:
+            return self._in_memory[key]
+        try:
+            return self._file.get_tensor(key)
+        except SafetensorError as error:
+            raise ValueError(f"{self.path}: tensor '{key}' cannot be read ({error})") from None
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def renamed(self, names: dict) -> "StoredWeights":
+        """A view in which ``name`` is this one's ``names[name]``; a name whose tensor is not here is left out
+        (so that ``load_weights`` reports it missing)."""
+        view = copy.copy(self)
+        view._keys = {name: self._keys[old] for name, old in names.items() if old in self._keys}
+        return view
+
+    def replaced(self, tensors: dict) -> "StoredWeights":
+        """A view that gives ``tensors`` (by name) instead of what the file holds under those names."""
+        view = copy.copy(self)
+        view._in_memory = {**self._in_memory, **{self._keys[name]: tensor for name, tensor in tensors.items()}}
+        return view
+
+
+def open_pretrained(path, image_size: int = None, max_text_len: int = None) -> tuple:
+    """Returns (StoredWeights, EVEConfig) of a folder written by save_pretrained (tools/consolidate.py).
     ``image_size`` and ``max_text_len``, where given, change the model's; the position tables follow
-    (``resize_positions``)."""
+    (``fitted_positions``)."""
     path = Path(path)
     config = pretrained_config(path)
-    try:
-        state_dict = load_file(str(path / WEIGHTS))
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path / WEIGHTS}: cannot be read ({error})") from None
+    weights = StoredWeights(path / WEIGHTS)
     wanted = {key: value for key, value in (("image_size", image_size), ("max_text_len", max_text_len))
               if value is not None}
     if wanted and config.replace(**wanted) != config:
         config = config.replace(**wanted)
-        state_dict = resize_positions(state_dict, config, f"{path / WEIGHTS}: ")
-    return state_dict, config
+        weights = weights.replaced(fitted_positions(weights, config, f"{path / WEIGHTS}: "))
+    return weights, config
 
 
-def resize_positions(state_dict: dict, config: EVEConfig, source: str = "", prefix: str = "encoder.") -> dict:
-    """The position tables of ``state_dict`` fitted to ``config``: the image table interpolated over the patch
-    grid (bicubic, the class position kept), as the authors' loader does when fine-tuning at another
-    resolution; the text table cut to ``max_text_len`` rows. Raises ValueError when the text table is shorter."""
-    state_dict = dict(state_dict)
+def load_pretrained(path, image_size: int = None, max_text_len: int = None) -> tuple:
+    """``open_pretrained`` with every tensor read: (state dict, EVEConfig)."""
+    weights, config = open_pretrained(path, image_size, max_text_len)
+    return dict(weights), config
+
+
+def fitted_positions(weights: Mapping, config: EVEConfig, source: str = "", prefix: str = "encoder.") -> dict:
+    """The position tables of ``weights`` fitted to ``config``: the image table interpolated over the patch grid
+    (bicubic, the class position kept), as the authors' loader does when fine-tuning at another resolution; the
+    text table cut to ``max_text_len`` rows. Raises ValueError when the text table is shorter."""
     image_key, text_key = f"{prefix}image_pos", f"{prefix}text_pos"
-    image_pos = state_dict[image_key]
+    image_pos = weights[image_key]
     if image_pos.shape[1] != config.num_image_tokens:
         width, grid = image_pos.shape[-1], math.isqrt(image_pos.shape[1] - 1)
         if grid * grid != image_pos.shape[1] - 1:
@@ -79,13 +129,12 @@ def resize_positions(state_dict: dict, config: EVEConfig, source: str = "", pref
         patches = image_pos[:, 1:].float().reshape(1, grid, grid, width).permute(0, 3, 1, 2)
         patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
         patches = patches.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, width).to(image_pos.dtype)
-        state_dict[image_key] = torch.cat([image_pos[:, :1], patches], dim=1)
-    text_pos = state_dict[text_key]
+        image_pos = torch.cat([image_pos[:, :1], patches], dim=1)
+    text_pos = weights[text_key]
     if text_pos.shape[1] < config.max_text_len:
         raise ValueError(f"{source}'{text_key}' holds {text_pos.shape[1]} text positions, fewer than max_text_len "
                          f"{config.max_text_len}: choose a text length of at most {text_pos.shape[1]}")
-    state_dict[text_key] = text_pos[:, :config.max_text_len].contiguous()
-    return state_dict
+    return {image_key: image_pos, text_key: text_pos[:, :config.max_text_len].contiguous()}
 
 
 def key_report(title: str, keys: list) -> str:
@@ -104,10 +153,26 @@ def state_dict_mismatch(expected: dict, state_dict: dict) -> list:
             for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
 
 
-def load_state_dict_strictly(module: torch.nn.Module, state_dict: dict, source):
-    """Loads every weight or fails with a report of missing, unexpected and mis-shaped keys."""
-    mismatch = state_dict_mismatch({k: v.shape for k, v in module.state_dict().items()}, state_dict)
-    if mismatch:
-        raise ValueError("\n".join([f"{source} does not fit the model:", *mismatch]))
-    module.load_state_dict(state_dict)
+@torch.no_grad()
+def load_weights(module: torch.nn.Module, weights: Mapping, source) -> torch.nn.Module:
+    """Writes ``weights`` (a state dict, or StoredWeights read one tensor at a time) into every parameter and
+    buffer of ``module``'s state dict, each module's parameters gathered from their ZeRO-3 partitions while they
+    are written (where ``engine.build_model`` partitioned them). Strict: fails, naming ``source``, on missing,
+    unexpected or mis-shaped weights."""
+    expected = set(module.state_dict())
+    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+    if missing or unexpected:
+        raise ValueError("\n".join([f"{source} does not fit the model:"] + [
+            key_report(title, keys) for title, keys in (("missing", missing), ("unexpected", unexpected)) if keys]))
+    for prefix, child in module.named_modules():
+        with whole(child):
+            for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
+                key = f"{prefix}.{name}" if prefix else name
+                if key not in expected:  # a buffer that is not saved
+                    continue
+                value = weights[key]
+                if value.shape != tensor.shape:
+                    raise ValueError(f"{source}: weight {key} has shape {tuple(value.shape)}, the model's is "
+                                     f"{tuple(tensor.shape)}")
+                tensor.copy_(value)
     return module

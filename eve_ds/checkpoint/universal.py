@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from eve_ds.checkpoint.consolidate import MOMENTS, CheckpointError, ConsolidatedCheckpoint
-from eve_ds.checkpoint.pretrained import write_atomically, load_pretrained, save_pretrained
+from eve_ds.checkpoint.pretrained import StoredWeights, open_pretrained, save_pretrained, write_atomically
 from eve_ds.config import EVEConfig
 
 OPTIMIZER, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
@@ -20,8 +20,9 @@ OPTIMIZER, TRAINER_STATE = "optimizer.safetensors", "trainer_state.json"
 
 @dataclass
 class UniversalCheckpoint:
-    weights: dict
-    moments: dict
+    """Weights and moments are read from their files one tensor at a time, as a rank loads them."""
+    weights: StoredWeights
+    moments: dict  # "exp_avg" / "exp_avg_sq" -> StoredWeights
     model_config: EVEConfig
     step: int
     optimizer_steps: int
@@ -48,13 +49,12 @@ def load_universal(path) -> UniversalCheckpoint:
     for name in (OPTIMIZER, TRAINER_STATE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} does not exist (write the folder with tools/reshard.py)")
-    weights, config = load_pretrained(path)
-    flat = load_file(str(path / OPTIMIZER))
-    moments = {key: {name.removeprefix(f"{key}/"): t for name, t in flat.items() if name.startswith(f"{key}/")}
-               for key in MOMENTS}
+    weights, config = open_pretrained(path)
+    flat = StoredWeights(path / OPTIMIZER)
     for key in MOMENTS:
-        if moments[key].keys() != weights.keys():
+        if {name.removeprefix(f"{key}/") for name in flat if name.startswith(f"{key}/")} != set(weights):
             raise CheckpointError(f"{path / OPTIMIZER}: its {key} tensors do not match the weights' names")
+    moments = {key: flat.renamed({name: f"{key}/{name}" for name in weights}) for key in MOMENTS}
     state = json.loads((path / TRAINER_STATE).read_text())
     return UniversalCheckpoint(weights, moments, config, state["step"], state["optimizer_steps"],
                                state["lr_scheduler"], state["client_state"])

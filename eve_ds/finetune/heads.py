@@ -6,7 +6,9 @@ its ``forward(**batch)`` returns a dict with the ``loss`` to back-propagate and 
 import torch
 from torch import nn
 
+from eve_ds.checkpoint.pretrained import load_weights, open_pretrained
 from eve_ds.config import EVEConfig
+from eve_ds.engine import build_model
 from eve_ds.model import EVE, ExpertPlacement
 from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
 
@@ -42,20 +44,18 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None,
-                        placement: ExpertPlacement = None, **head_options) -> "TaskModel":
+                        placement: ExpertPlacement = None, ds_config: dict = None, **head_options) -> "TaskModel":
         """The task model with its encoder from a consolidated checkpoint folder (tools/consolidate.py) and a
         freshly initialised head. ``image_size`` and ``max_text_len`` are ``EVE.from_pretrained``'s; with an
-        expert-parallel ``placement`` the encoder keeps only this rank's experts. ``new_parameter_names()``
-        then names what the checkpoint did not hold."""
-        pretrained = EVE.from_pretrained(path, image_size, max_text_len)
-        model = cls(pretrained.config, placement, **head_options)
-        placement = placement or ExpertPlacement(pretrained.config.num_experts)
-        if placement.ep_size == 1:
-            model.encoder = pretrained
-        else:
-            weights = pretrained.state_dict()
-            model.encoder.load_state_dict({name: weights[placement.global_name(name)]
-                                           for name in model.encoder.state_dict()})
+        expert-parallel ``placement`` the encoder keeps only this rank's experts. Under a ZeRO-3 ``ds_config``
+        the model is built partitioned (``engine.build_model``) and the weights are read into the partitions
+        one tensor at a time: no rank holds the whole model or the whole file. ``new_parameter_names()`` then
+        names what the checkpoint did not hold."""
+        weights, config = open_pretrained(path, image_size, max_text_len)
+        placement = placement or ExpertPlacement(config.num_experts)
+        model = build_model(lambda: cls(config, placement, **head_options), ds_config or {})
+        encoder_names = {name: f"encoder.{placement.global_name(name)}" for name in model.encoder.state_dict()}
+        load_weights(model.encoder, weights.renamed(encoder_names), path)
         return model
 
     def new_parameter_names(self) -> frozenset:

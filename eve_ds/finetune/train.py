@@ -21,7 +21,7 @@ from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data import TextTokenizer
-from eve_ds.engine import initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import build_model, initialize, load_deepspeed_config, zero_stage
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
 from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
@@ -185,6 +185,11 @@ def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: in
     (``optim.lr_scheduler``) replaces it, keeping the new parameters' multiplier, so its lengths do not matter."""
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 1,
                                                    global_batch)
+    if ds_config["train_batch_size"] != global_batch:
+        raise ConfigError(f"{args.deepspeed_config}: micro batch {ds_config['train_micro_batch_size_per_gpu']} x "
+                          f"accumulation {ds_config['gradient_accumulation_steps']} x {world_size} ranks is a global "
+                          f"batch of {ds_config['train_batch_size']}, not the {global_batch} asked for (--batch-size "
+                          "or the recipe); set \"train_micro_batch_size_per_gpu\": \"auto\"")
     ds_config.pop("scheduler", None)
     return ds_config, parallelism
 
@@ -219,7 +224,7 @@ def main(argv=None, stop: StopRequest = None):
                                                parallelism.expert_parallel_size)
     torch.manual_seed(args.seed)
     model = MODELS[args.task].from_pretrained(args.pretrained, setup.image_size, chosen.max_text_len, placement,
-                                              aux_weight=setup.aux_weight, **task.head_options)
+                                              ds_config, aux_weight=setup.aux_weight, **task.head_options)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     groups = param_groups(model, setup.lr, chosen.weight_decay, setup.multiplier)
     scheduler = partial(lr_scheduler, base_lr=setup.lr, total_steps=args.steps,
@@ -276,7 +281,7 @@ def evaluate_run(argv=None) -> dict:
     config = saved_model_config(tag)
     ds_config, parallelism = fine_tuning_deepspeed_config(args, dist.get_world_size(), config, setup.global_batch)
     placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
-    model = MODELS[args.task](config, placement, **setup.task.head_options)
+    model = build_model(lambda: MODELS[args.task](config, placement, **setup.task.head_options), ds_config)
     engine, _ = initialize(model, ds_config, placement)
     engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=False,
                            load_lr_scheduler_states=False, load_module_strict=True)

@@ -164,28 +164,19 @@ class EVE(nn.Module):
         text = self.token_norm(self.token_embed(text_ids)) + self.text_pos[:, :text_ids.shape[1]]
         return text + self.modality_type_embed[TEXT]
 
-    def forward(self, images, text_ids, text_padding_mask, image_mask=None):
-        """Encode an image-text batch.
+    def forward(self, images=None, text_ids=None, text_padding_mask=None, image_mask=None):
+        """Encode an image-text batch, or either part alone.
 
         images: [B, C, H, W]; text_ids: [B, L]; text_padding_mask: [B, L], True for real tokens;
         image_mask: optional [B, num_patches], True where a patch is masked.
-        Returns hidden states [B, num_image_tokens + L, width] and the summed auxiliary MoE loss.
+        Returns hidden states [B, num_image_tokens + L, width] (the parts given, image first) and the summed
+        auxiliary MoE loss. Every way into the encoder runs through here: ZeRO-3 gathers the encoder's own
+        parameters (positions, [CLS], type embeddings) in this module's forward only.
         """
-        return self._encode(self.embed_image(images, image_mask), self.embed_text(text_ids), text_padding_mask)
-
-    def encode_image(self, images, image_mask=None):
-        """An image alone (the authors' ``mode='vision'``, the retrieval dual encoder's image side): every
-        token takes the vision FFNs and the vision routing embedding. Returns [B, num_image_tokens, width]
-        and the auxiliary MoE loss."""
-        return self._encode(image=self.embed_image(images, image_mask))
-
-    def encode_text(self, text_ids, text_padding_mask):
-        """A text alone (the authors' ``mode='text'``): every token takes the text FFNs and the text routing
-        embedding. Returns [B, L, width] and the auxiliary MoE loss."""
-        return self._encode(text=self.embed_text(text_ids), text_padding_mask=text_padding_mask)
-
-    def _encode(self, image=None, text=None, text_padding_mask=None):
-        """The blocks over ``[image tokens..., text tokens...]``, where either part may be absent."""
+        image = self.embed_image(images, image_mask) if images is not None else None
+        text = self.embed_text(text_ids) if text_ids is not None else None
+        if image is None and text is None:
+            raise ValueError("nothing to encode: give images, text_ids or both")
         parts = [part for part in (image, text) if part is not None]
         x = self.embed_norm(torch.cat(parts, dim=1))
         batch, num_image_tokens = x.shape[0], image.shape[1] if image is not None else 0
@@ -209,17 +200,28 @@ class EVE(nn.Module):
             aux_loss = aux_loss + block_aux.float()
         return self.norm(x), aux_loss
 
+    def encode_image(self, images, image_mask=None):
+        """An image alone (the authors' ``mode='vision'``, the retrieval dual encoder's image side): every
+        token takes the vision FFNs and the vision routing embedding."""
+        return self(images, image_mask=image_mask)
+
+    def encode_text(self, text_ids, text_padding_mask):
+        """A text alone (the authors' ``mode='text'``): every token takes the text FFNs and the text routing
+        embedding."""
+        return self(text_ids=text_ids, text_padding_mask=text_padding_mask)
+
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "EVE":
         """The encoder from a consolidated checkpoint folder (tools/consolidate.py); the pre-training heads
         in it are left out. Every expert is local (expert-parallel size 1). ``image_size`` and
         ``max_text_len`` load the weights into a model of another resolution or text length (the image
         positions are interpolated, the text positions cut)."""
-        from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
+        from eve_ds.checkpoint.pretrained import load_weights, open_pretrained
 
-        state_dict, config = load_pretrained(path, image_size, max_text_len)
-        encoder = {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
-        return load_state_dict_strictly(cls(config), encoder, path)
+        weights, config = open_pretrained(path, image_size, max_text_len)
+        encoder_weights = weights.renamed({key.removeprefix("encoder."): key for key in weights
+                                           if key.startswith("encoder.")})
+        return load_weights(cls(config), encoder_weights, path)
 
     def moe_layers(self):
         return [block.ffn for block in self.blocks if block.is_moe]

@@ -76,6 +76,10 @@ class ModalityAwareGate(TopKGate):
         # Integer counts: a bf16 engine casts floating buffers, and bf16 cannot count past 256.
         self.register_buffer("expert_load", torch.zeros(NUM_MODALITIES, num_experts, dtype=torch.long),
                              persistent=False)
+        # DeepSpeed's forward reads the router weight rather than calling its Linear: ZeRO-3 gathers it with the gate.
+        # (Not a ZeRO-3 leaf module: a leaf reduces its gradients after each call's backward, twice for a gate that
+        # runs twice in one step, as in the retrieval model's three encoder passes.)
+        register_external_parameter(self, self.wg.weight)
 
     def forward(self, input, modality_ids, sparse_routes=False, use_tutel=False):
         # DeepSpeed samples the second expert with Gumbel noise in eval mode too; evaluation and exported

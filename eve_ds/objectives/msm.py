@@ -39,10 +39,10 @@ class MaskedSignalModeling(nn.Module):
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "MaskedSignalModeling":
         """Encoder and pre-training heads from a consolidated checkpoint folder (tools/consolidate.py); the
         options are ``EVE.from_pretrained``'s."""
-        from eve_ds.checkpoint.pretrained import load_pretrained, load_state_dict_strictly
+        from eve_ds.checkpoint.pretrained import load_weights, open_pretrained
 
-        state_dict, config = load_pretrained(path, image_size, max_text_len)
-        return load_state_dict_strictly(cls(config), state_dict, path)
+        weights, config = open_pretrained(path, image_size, max_text_len)
+        return load_weights(cls(config), weights, path)
 
     def forward(self, images, image_mask, text_ids, text_labels, text_padding_mask):
         hidden, aux_loss = self.encoder(images, text_ids, text_padding_mask, image_mask)
