@@ -84,7 +84,8 @@ def test_retrieval_fine_tunes_and_reports_recall_with_and_without_reranking(pret
 def test_retrieval_under_zero3_takes_zero2s_steps(pretrained, retrieval_run, tmp_path):
     """ZeRO-3 with every parameter partitioned: the model is built partitioned and the weights read into the
     partitions; each step runs the encoder three times (image, text, joint), and each MoE gate with it; the
-    encoder's own parameters are gathered for the image-only and text-only passes too."""
+    encoder's own parameters are gathered for the image-only and text-only passes too. Then tools/evaluate.py
+    on the ZeRO-3 checkpoint."""
     _, records, summary = retrieval_run
     config = json.loads((REPO / "ds_configs" / "finetune_retrieval.json").read_text())
     config["zero_optimization"] = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0}
@@ -96,3 +97,9 @@ def test_retrieval_under_zero3_takes_zero2s_steps(pretrained, retrieval_run, tmp
                                                                          rel=1e-5)
     recalls = {key: value for key, value in summary.items() if key.startswith("val_")}
     assert {key: zero3_summary[key] for key in recalls} == pytest.approx(recalls, abs=1e-4)
+
+    # tools/evaluate.py evaluates under the run's ZeRO settings, whatever its --deepspeed_config says.
+    output = launch("tools/evaluate.py", "--task", "retrieval", "--pretrained", pretrained, "--run", tmp_path / "zero3")
+    assert "the run trained under ZeRO stage 3" in output
+    reranked = next(line for line in output.splitlines() if line.strip().startswith("re-ranked"))
+    assert reranked.split()[-1] == f"{zero3_summary['val_r_mean']:.1f}"

@@ -99,13 +99,19 @@ def _verify(tag_dir: Path) -> list:
     return [f"{tag_dir} was written before checkpoints had manifests: its files are not verified"]
 
 
-def saved_model_config(checkpoint_dir, tag=None) -> EVEConfig:
-    """The model config a checkpoint was written with, read without its tensors (memory-mapped)."""
+def saved_states(checkpoint_dir, tag=None) -> tuple:
+    """(what a checkpoint's first model-states file holds: the module and the trainer's client state, its path),
+    memory-mapped: the tensors are not read."""
     tag_dir = resolve_tag_dir(checkpoint_dir, tag)
     for name in (RANK_MODEL_STATES.format(rank=0), DENSE_STATES):
         if (tag_dir / name).is_file():
-            return _model_config(load_file(tag_dir / name), tag_dir / name)
+            return load_file(tag_dir / name), tag_dir / name
     raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)} nor {DENSE_STATES}")
+
+
+def saved_model_config(checkpoint_dir, tag=None) -> EVEConfig:
+    """The model config a checkpoint was written with."""
+    return _model_config(*saved_states(checkpoint_dir, tag))
 
 
 class _Layout:

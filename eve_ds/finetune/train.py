@@ -15,7 +15,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.consolidate import saved_model_config, saved_states
 from eve_ds.checkpoint.pretrained import pretrained_config as read_pretrained_config
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.cluster import StopRequest, ignore_stop_signals
@@ -279,11 +279,22 @@ def evaluate_run(argv=None) -> dict:
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoints.dir}")
     config = saved_model_config(tag)
-    ds_config, parallelism = fine_tuning_deepspeed_config(args, dist.get_world_size(), config, setup.global_batch)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
+                                                   setup.global_batch)
+    ds_config.pop("scheduler", None)
+    # The checkpoint's layout follows the ZeRO stage it was trained under: evaluate under the run's ZeRO settings.
+    trained_under = saved_states(tag)[0].get("deepspeed_config", {}).get("zero_optimization")
+    if trained_under is not None and trained_under != ds_config.get("zero_optimization"):
+        logger.info("the run trained under ZeRO stage %d: evaluating under its ZeRO settings",
+                    trained_under.get("stage", 0))
+        ds_config["zero_optimization"] = trained_under
     placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
     model = build_model(lambda: MODELS[args.task](config, placement, **setup.task.head_options), ds_config)
-    engine, _ = initialize(model, ds_config, placement)
-    engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=False,
+    # ZeRO-3 keeps the weights in the optimizer's flat partitions, one per parameter group (the training groups),
+    # and reads them with the optimizer's state: DeepSpeed's reader of the weights alone knows no partitioned experts.
+    groups = param_groups(model, setup.lr, setup.recipe.weight_decay, setup.multiplier)
+    engine, _ = initialize(model, ds_config, placement, groups)
+    engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=zero_stage(ds_config) == 3,
                            load_lr_scheduler_states=False, load_module_strict=True)
     metrics = evaluate(setup.task, engine, args.eval_batch_size, setup.k_test)
     results = metrics.pop("results", None)
