@@ -1,7 +1,11 @@
 """The fine-tuning task models on eve-tiny with random weights: outputs, losses by hand, hard negatives,
-training on a fixed batch, loading from a consolidated checkpoint, and retrieval over 2 ranks."""
+training on a fixed batch, loading from a consolidated checkpoint, retrieval over 2 ranks, and the fp32 master
+weights a bf16 engine starts fine-tuning from."""
+import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from eve_ds.finetune.retrieval import (RetrievalModel, contrastive_loss, gather_
 from eve_ds.finetune.vqa import VQAModel
 from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling
-from tests.conftest import free_port
+from tests.conftest import REPO, free_port
 
 # Small images and texts keep each pass to a few milliseconds. A capacity factor of num_experts keeps every
 # route (no drops), so that passes of different sizes compute the same per-sample outputs.
@@ -277,3 +281,43 @@ def test_retrieval_over_two_ranks_matches_one_process(tmp_path):
     whole = RetrievalModel(CONFIG).eval()(**retrieval_batch())
     torch.testing.assert_close(result["itc_loss"], whole["itc_loss"], rtol=1e-5, atol=1e-5)
     assert result["itm_logits"].shape == (9, 2)
+
+
+def _bf16_masters_worker(folder, stage):
+    """One rank: a bf16 engine's fp32 masters for the encoder, before and after starting them from the file."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    from eve_ds.checkpoint.pretrained import load_pretrained
+    from eve_ds.engine import init_distributed, initialize
+    from eve_ds.finetune.train import start_masters_from_pretrained
+
+    init_distributed()
+    placement = ExpertPlacement(CONFIG.num_experts)
+    ds_config = {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 1, "bf16": {"enabled": True},
+                 "zero_optimization": {"stage": stage},
+                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}}}
+    model = VQAModel.from_pretrained(folder, placement=placement, ds_config=ds_config, num_answers=3)
+    engine, _ = initialize(model, ds_config, placement)
+    pretrained, _ = load_pretrained(folder)
+
+    def largest_error():
+        return max((safe_get_full_fp32_param(param) - pretrained[name]).abs().max().item()
+                   for name, param in engine.module.named_parameters() if name.startswith("encoder."))
+
+    rounded = largest_error()
+    start_masters_from_pretrained(engine, model, folder, None, None, placement)
+    print("RESULT " + json.dumps({"rounded": rounded, "restored": largest_error()}))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_bf16_fine_tuning_starts_its_masters_from_the_fp32_weights(checkpoint, stage):
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    worker = (f"from tests.test_finetune_heads import _bf16_masters_worker; "
+              f"_bf16_masters_worker({str(checkpoint[0])!r}, {stage})")
+    result = subprocess.run([sys.executable, "-c", worker], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    errors = json.loads(result.stdout.split("RESULT ")[-1])
+    assert errors["rounded"] > 1e-5  # DeepSpeed made the masters from the bf16 weights
+    assert errors["restored"] == 0.0

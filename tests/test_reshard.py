@@ -50,6 +50,24 @@ def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
     assert [r["step"] for r in back] == [5] and back[0]["loss"] == pytest.approx(single[-1]["loss"], rel=0.2)
 
 
+def test_bf16_run_resumes_from_its_fp32_master_weights(tmp_path):
+    """A bf16 run trains fp32 master weights of which the model's weights are a rounding. Resumed from a universal
+    checkpoint, it goes on from those masters, not from their bf16 rounding: the step after the resume writes the
+    masters the uninterrupted run wrote."""
+    bf16 = small_ds_config(zero_optimization={"stage": 3}, eve={"expert_parallel_size": 2}, bf16={"enabled": True})
+    launch_pretrain(tmp_path, tmp_path / "original", bf16, "--steps", 4, "--save-interval", 3, "--keep-checkpoints", 2)
+    for step in (3, 4):
+        reshard(tmp_path / "original" / "checkpoints", tmp_path / f"original_{step}", "--tag", f"step_{step:08d}")
+    masters = load_universal(tmp_path / "original_3").weights
+    assert sum(int((w.bfloat16().float() != w).sum()) for w in masters.values()) > 0.9 * sum(
+        w.numel() for w in masters.values())  # the masters have moved off the bf16 grid
+    launch_pretrain(tmp_path, tmp_path / "resumed", bf16, "--steps", 4, "--resume-from", tmp_path / "original_3")
+    reshard(tmp_path / "resumed" / "checkpoints", tmp_path / "resumed_4", "--tag", f"step_{4:08d}")
+    uninterrupted, resumed = load_universal(tmp_path / "original_4"), load_universal(tmp_path / "resumed_4")
+    for name, expected in uninterrupted.weights.items():
+        torch.testing.assert_close(resumed.weights[name], expected, rtol=1e-6, atol=1e-8, msg=name)
+
+
 def test_reshard_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     result = run_tool("reshard.py", tmp_path, tmp_path / "o")
     assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr

@@ -60,9 +60,9 @@ def load_universal(path) -> UniversalCheckpoint:
                                state["lr_scheduler"], state["client_state"])
 
 
-def _set_zero3_optimizer_state(zero, param, value, key):
-    # DeepSpeed's safe_set_full_optimizer_state slices the unpadded value, which fails on the last
-    # partition ranks of a parameter whose size the partition count does not divide; pad it first.
+def _set_zero3_fp32_state(zero, param, value, key):
+    # key None: the fp32 master weights. DeepSpeed's safe_set_full_* slice the unpadded value, which fails on the
+    # last partition ranks of a parameter whose size the partition count does not divide; pad it first.
     partition, _ = zero._get_fp32_opt_state_partition(param, release_swap_buffers=False, optim_state_key=key)
     rank = zero._get_param_partition_rank(param)
     padded = torch.zeros(partition.numel() * zero._get_param_partition_world_size(param), device=value.device)
@@ -70,12 +70,32 @@ def _set_zero3_optimizer_state(zero, param, value, key):
     partition.copy_(padded.narrow(0, rank * partition.numel(), partition.numel()))
 
 
+def _set_fp32_state(engine, name: str, value: torch.Tensor, key: str = None):
+    """One parameter's full fp32 master weight (``key`` None) or optimizer state, into this rank's part of it."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    param = engine.module.get_parameter(name)
+    value = value.to(param.device)
+    if hasattr(param, "ds_id"):
+        _set_zero3_fp32_state(engine.optimizer, param, value, key)
+    elif key is None:
+        safe_set_full_fp32_param(param, value)
+    else:
+        safe_set_full_optimizer_state(param, value, key)
+
+
+@torch.no_grad()
+def set_master_weights(engine, weights, prefix: str = ""):
+    """Sets the fp32 master weights of the engine's parameters ``prefix + name`` to ``weights[name]`` (a Mapping of
+    full tensors): a bf16 engine makes its masters from its bf16 weights, a rounding of what was loaded."""
+    for name in weights:
+        _set_fp32_state(engine, prefix + name, weights[name])
+
+
 @torch.no_grad()
 def restore_optimizer_state(engine, universal: UniversalCheckpoint, global_name):
-    """Sets the AdamW moments and step count of a DeepSpeed engine (ZeRO 1-3, any layout) from full
-    tensors; the weights must already be in the model that the engine was built from."""
-    from deepspeed.utils import safe_set_full_optimizer_state
-
+    """Sets the fp32 master weights, AdamW moments and step count of a DeepSpeed engine (ZeRO 1-3, any layout)
+    from full tensors; the weights must already be in the model that the engine was built from."""
     zero = engine.optimizer
     inner = zero.optimizer
     # torch's AdamW creates its state at its first step; create it now (zeros, overwritten below) for the
@@ -91,13 +111,11 @@ def restore_optimizer_state(engine, universal: UniversalCheckpoint, global_name)
     lazy_link = getattr(zero, "_lazy_init_hp_params_optimizer_state", None)
     if lazy_link is not None:  # ZeRO-1/2 link each parameter's fragment of that state on first use
         lazy_link()
-    for name, param in engine.module.named_parameters():
+    names = {name: global_name(name) for name, _ in engine.module.named_parameters()}
+    set_master_weights(engine, universal.weights.renamed(names))
+    for name, saved_name in names.items():
         for key in MOMENTS:
-            value = universal.moments[key][global_name(name)].to(param.device)
-            if hasattr(param, "ds_id"):
-                _set_zero3_optimizer_state(zero, param, value, key)
-            else:
-                safe_set_full_optimizer_state(param, value, key)
+            _set_fp32_state(engine, name, universal.moments[key][saved_name], key)
     if not inner.state:
         raise RuntimeError("the optimizer has no state to restore into (DeepSpeed did not initialise it)")
     for state in inner.state.values():

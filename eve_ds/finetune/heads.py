@@ -6,7 +6,7 @@ its ``forward(**batch)`` returns a dict with the ``loss`` to back-propagate and 
 import torch
 from torch import nn
 
-from eve_ds.checkpoint.pretrained import load_weights, open_pretrained
+from eve_ds.checkpoint.pretrained import StoredWeights, load_weights, open_pretrained
 from eve_ds.config import EVEConfig
 from eve_ds.engine import build_model
 from eve_ds.model import EVE, ExpertPlacement
@@ -17,6 +17,12 @@ def classifier(in_features: int, hidden_features: int, num_classes: int) -> nn.S
     """The authors' classification head: Linear -> LayerNorm -> GELU -> Linear."""
     return nn.Sequential(nn.Linear(in_features, hidden_features), nn.LayerNorm(hidden_features), nn.GELU(),
                          nn.Linear(hidden_features, num_classes))
+
+
+def encoder_weights(weights: StoredWeights, encoder: EVE, placement: ExpertPlacement) -> StoredWeights:
+    """The pre-trained weights (``open_pretrained``) that ``encoder``, holding ``placement``'s experts, takes, under
+    the encoder's own names."""
+    return weights.renamed({name: f"encoder.{placement.global_name(name)}" for name in encoder.state_dict()})
 
 
 class TaskModel(nn.Module):
@@ -54,8 +60,7 @@ class TaskModel(nn.Module):
         weights, config = open_pretrained(path, image_size, max_text_len)
         placement = placement or ExpertPlacement(config.num_experts)
         model = build_model(lambda: cls(config, placement, **head_options), ds_config or {})
-        encoder_names = {name: f"encoder.{placement.global_name(name)}" for name in model.encoder.state_dict()}
-        load_weights(model.encoder, weights.renamed(encoder_names), path)
+        load_weights(model.encoder, encoder_weights(weights, model.encoder, placement), path)
         return model
 
     def new_parameter_names(self) -> frozenset:

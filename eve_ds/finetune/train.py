@@ -16,12 +16,14 @@ import torch
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import saved_model_config, saved_states
-from eve_ds.checkpoint.pretrained import pretrained_config as read_pretrained_config
+from eve_ds.checkpoint.pretrained import open_pretrained, pretrained_config as read_pretrained_config
 from eve_ds.checkpoint.training import RunCheckpoints
+from eve_ds.checkpoint.universal import set_master_weights
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data import TextTokenizer
 from eve_ds.engine import build_model, initialize, load_deepspeed_config, zero_stage
+from eve_ds.finetune.heads import encoder_weights
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
 from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
@@ -194,6 +196,14 @@ def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: in
     return ds_config, parallelism
 
 
+def start_masters_from_pretrained(engine, model, path, image_size: int, max_text_len: int, placement):
+    """A bf16 (or fp16) engine makes its fp32 master weights from its half-precision weights; the encoder's masters
+    start from the pre-trained fp32 weights themselves instead, not from their rounding."""
+    if engine.bfloat16_enabled() or engine.fp16_enabled():
+        weights, _ = open_pretrained(path, image_size, max_text_len)
+        set_master_weights(engine, encoder_weights(weights, model.encoder, placement), prefix="encoder.")
+
+
 def main(argv=None, stop: StopRequest = None):
     stop = stop or StopRequest()
     args = parse_args(argv)
@@ -236,7 +246,9 @@ def main(argv=None, stop: StopRequest = None):
     checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     start_step = 0
-    if resume_tag is not None:
+    if resume_tag is None:
+        start_masters_from_pretrained(engine, model, args.pretrained, setup.image_size, chosen.max_text_len, placement)
+    else:
         saved = saved_model_config(resume_tag)
         if saved != model.config:
             raise ConfigError(f"{resume_tag} was written for another model: {model.config.differences(saved)}")
