@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -118,6 +119,7 @@ def main():
     ep_size = parallelism.expert_parallel_size
 
     torch.manual_seed(0)
+    started = time.perf_counter()
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     if args.finetune_from:
         model = VQAModel.from_pretrained(args.finetune_from, placement=placement,
@@ -137,10 +139,12 @@ def main():
             anonymous[stage] = anonymous_resident_bytes()
 
     measure("built", torch.device("cpu"))
+    built_seconds = time.perf_counter() - started
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
     if args.resume_from:
         restore_optimizer_state(engine, universal, placement.global_name)
+    engine_seconds = time.perf_counter() - started
     measure("engine", engine.device)
     vqa_answers = model.num_answers if args.finetune_from else None
     batch = {key: value.to(engine.device) for key, value in random_micro_batch(config, 1, vqa_answers).items()}
@@ -153,6 +157,7 @@ def main():
     measure("after_two_steps", engine.device)
     per_rank = all_gather_objects(memory_breakdown(engine))
     start_up_per_rank, anonymous_per_rank = all_gather_objects(start_up), all_gather_objects(anonymous)
+    seconds = all_gather_objects((built_seconds, engine_seconds))
     if rank == 0:
         total = parameter_counts(config).total
         ideal = BYTES_PER_PARAMETER * total / world_size
@@ -175,6 +180,9 @@ def main():
             print(f"  rank {rank_index}: " + ", ".join(
                 f"{stage.replace('_', ' ')} {gib(size)}" + (f" ({gib(anonymous_now[stage])})" if anonymous_now else "")
                 for stage, size in peaks.items()))
+        print(f"start-up seconds (slowest rank): model built (weights loaded) {max(s[0] for s in seconds):.1f}, "
+              f"engine ready {max(s[1] for s in seconds):.1f}")
+        report["start_up_seconds"] = seconds
         print("RESULT " + json.dumps(report))
     if args.checkpoint_dir:
         engine.save_checkpoint(args.checkpoint_dir, tag="step_00000001",
