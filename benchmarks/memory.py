@@ -105,7 +105,8 @@ def main():
                         help="build the whole model on every rank and let the engine partition it (as before ZeRO-3 "
                              "start-up used deepspeed.zero.Init), to compare start-up memory")
     parser.add_argument("--finetune-from", type=Path, default=None, metavar="CONSOLIDATED_DIR",
-                        help="start as fine-tuning does: the VQA model loaded from this folder (its model, not --model)")
+                        help="start as fine-tuning does: the VQA model loaded from this folder (its model, not "
+                             "--model)")
     parser.add_argument("--resume-from", type=Path, default=None, metavar="UNIVERSAL_DIR",
                         help="start from a universal checkpoint of --model, as pre-training's --resume-from does")
     parser.add_argument("--local_rank", type=int, default=0)
@@ -161,7 +162,8 @@ def main():
     if rank == 0:
         total = parameter_counts(config).total
         ideal = BYTES_PER_PARAMETER * total / world_size
-        report = {"model": str(args.finetune_from or args.model), "config": Path(args.deepspeed_config).name, "zero_stage": zero_stage(ds_config),
+        report = {"model": str(args.finetune_from or args.model), "config": Path(args.deepspeed_config).name,
+                  "zero_stage": zero_stage(ds_config),
                   "expert_parallel_size": ep_size, "ranks": world_size, "parameters": total,
                   "ideal_bytes_per_rank": ideal, "per_rank": per_rank,
                   "whole_model_build": args.whole_model_build, "peak_bytes_per_rank": start_up_per_rank,

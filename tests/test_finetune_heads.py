@@ -286,7 +286,7 @@ def test_retrieval_over_two_ranks_matches_one_process(tmp_path):
 def _bf16_masters_worker(folder, stage):
     """One rank: a bf16 engine's fp32 masters for the encoder, before and after starting them from the file."""
     from deepspeed.utils import safe_get_full_fp32_param
-    from eve_ds.checkpoint.pretrained import load_pretrained
+    from eve_ds.checkpoint.pretrained import load_pretrained, open_pretrained
     from eve_ds.engine import init_distributed, initialize
     from eve_ds.finetune.train import start_masters_from_pretrained
 
@@ -304,7 +304,7 @@ def _bf16_masters_worker(folder, stage):
                    for name, param in engine.module.named_parameters() if name.startswith("encoder."))
 
     rounded = largest_error()
-    start_masters_from_pretrained(engine, model, folder, None, None, placement)
+    start_masters_from_pretrained(engine, model, open_pretrained(folder)[0], placement)
     print("RESULT " + json.dumps({"rounded": rounded, "restored": largest_error()}))
 
 

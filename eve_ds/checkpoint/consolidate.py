@@ -111,7 +111,7 @@ def saved_states(checkpoint_dir, tag=None) -> tuple:
 
 def saved_model_config(checkpoint_dir, tag=None) -> EVEConfig:
     """The model config a checkpoint was written with."""
-    return _model_config(*saved_states(checkpoint_dir, tag))
+    return model_config_in(*saved_states(checkpoint_dir, tag))
 
 
 class _Layout:
@@ -169,7 +169,7 @@ def _expert_files(tag_dir: Path, config: EVEConfig) -> list:
             for layer in range(len(config.moe_layers)) for expert in range(config.num_experts)]
 
 
-def _model_config(states: dict, path: Path) -> EVEConfig:
+def model_config_in(states: dict, path: Path) -> EVEConfig:
     if "model_config" not in states:
         raise CheckpointError(f"{path}: has no 'model_config' (not written by eve-ds)")
     return EVEConfig.from_dict(states["model_config"])
@@ -192,7 +192,7 @@ def _inner_optimizer(optim: dict, path: Path) -> dict:
 def _read_partitioned(tag_dir: Path, zero3: bool, optimizer_state: bool):
     states_path = tag_dir / (RANK_MODEL_STATES.format(rank=0) if zero3 else DENSE_STATES)
     states = load_file(states_path)
-    config = _model_config(states, states_path)
+    config = model_config_in(states, states_path)
     world_size = states["dp_world_size"]
     optim_files = [rank_optim_states(tag_dir, rank) for rank in range(world_size)]
     optims = [load_file(path)["optimizer_state_dict"] for path in optim_files]
@@ -228,7 +228,7 @@ def _read_partitioned(tag_dir: Path, zero3: bool, optimizer_state: bool):
 def _read_stage0(tag_dir: Path):
     path = tag_dir / DENSE_STATES
     states = load_file(path)
-    config = _model_config(states, path)
+    config = model_config_in(states, path)
     state_dict = dict(states["module"])
     for expert_path in _expert_files(tag_dir, config):
         state_dict.update(load_file(expert_path))

@@ -58,9 +58,15 @@ class TaskModel(nn.Module):
         one tensor at a time: no rank holds the whole model or the whole file. ``new_parameter_names()`` then
         names what the checkpoint did not hold."""
         weights, config = open_pretrained(path, image_size, max_text_len)
+        return cls.from_weights(weights, config, placement, ds_config, **head_options)
+
+    @classmethod
+    def from_weights(cls, weights: StoredWeights, config: EVEConfig, placement: ExpertPlacement = None,
+                     ds_config: dict = None, **head_options) -> "TaskModel":
+        """``from_pretrained`` from a folder already opened: ``open_pretrained``'s weights and config."""
         placement = placement or ExpertPlacement(config.num_experts)
         model = build_model(lambda: cls(config, placement, **head_options), ds_config or {})
-        load_weights(model.encoder, encoder_weights(weights, model.encoder, placement), path)
+        load_weights(model.encoder, encoder_weights(weights, model.encoder, placement), weights.path)
         return model
 
     def new_parameter_names(self) -> frozenset:

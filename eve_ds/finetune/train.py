@@ -15,8 +15,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from eve_ds.checkpoint.consolidate import saved_model_config, saved_states
-from eve_ds.checkpoint.pretrained import open_pretrained, pretrained_config as read_pretrained_config
+from eve_ds.checkpoint.consolidate import model_config_in, saved_model_config, saved_states
+from eve_ds.checkpoint.pretrained import StoredWeights, open_pretrained, pretrained_config as read_pretrained_config
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.checkpoint.universal import set_master_weights
 from eve_ds.cluster import StopRequest, ignore_stop_signals
@@ -196,11 +196,10 @@ def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: in
     return ds_config, parallelism
 
 
-def start_masters_from_pretrained(engine, model, path, image_size: int, max_text_len: int, placement):
+def start_masters_from_pretrained(engine, model, weights: StoredWeights, placement):
     """A bf16 (or fp16) engine makes its fp32 master weights from its half-precision weights; the encoder's masters
-    start from the pre-trained fp32 weights themselves instead, not from their rounding."""
+    start from the pre-trained fp32 ``weights`` (``open_pretrained``'s) themselves instead, not from their rounding."""
     if engine.bfloat16_enabled() or engine.fp16_enabled():
-        weights, _ = open_pretrained(path, image_size, max_text_len)
         set_master_weights(engine, encoder_weights(weights, model.encoder, placement), prefix="encoder.")
 
 
@@ -233,8 +232,9 @@ def main(argv=None, stop: StopRequest = None):
     placement = ExpertPlacement.of_global_rank(rank, pretrained_config.num_experts,
                                                parallelism.expert_parallel_size)
     torch.manual_seed(args.seed)
-    model = MODELS[args.task].from_pretrained(args.pretrained, setup.image_size, chosen.max_text_len, placement,
-                                              ds_config, aux_weight=setup.aux_weight, **task.head_options)
+    pretrained, fitted_config = open_pretrained(args.pretrained, setup.image_size, chosen.max_text_len)
+    model = MODELS[args.task].from_weights(pretrained, fitted_config, placement, ds_config,
+                                           aux_weight=setup.aux_weight, **task.head_options)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     groups = param_groups(model, setup.lr, chosen.weight_decay, setup.multiplier)
     scheduler = partial(lr_scheduler, base_lr=setup.lr, total_steps=args.steps,
@@ -247,7 +247,7 @@ def main(argv=None, stop: StopRequest = None):
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     start_step = 0
     if resume_tag is None:
-        start_masters_from_pretrained(engine, model, args.pretrained, setup.image_size, chosen.max_text_len, placement)
+        start_masters_from_pretrained(engine, model, pretrained, placement)
     else:
         saved = saved_model_config(resume_tag)
         if saved != model.config:
@@ -290,12 +290,13 @@ def evaluate_run(argv=None) -> dict:
     tag = checkpoints.newest_verified()
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint in {checkpoints.dir}")
-    config = saved_model_config(tag)
+    states, states_path = saved_states(tag)
+    config = model_config_in(states, states_path)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
                                                    setup.global_batch)
     ds_config.pop("scheduler", None)
     # The checkpoint's layout follows the ZeRO stage it was trained under: evaluate under the run's ZeRO settings.
-    trained_under = saved_states(tag)[0].get("deepspeed_config", {}).get("zero_optimization")
+    trained_under = states.get("deepspeed_config", {}).get("zero_optimization")
     if trained_under is not None and trained_under != ds_config.get("zero_optimization"):
         logger.info("the run trained under ZeRO stage %d: evaluating under its ZeRO settings",
                     trained_under.get("stage", 0))
