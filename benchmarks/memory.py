@@ -68,7 +68,8 @@ def memory_breakdown(engine) -> dict:
         "master_weights": _storages(masters),
         "gradients": _storages(gradients),
         "optimizer_moments": _storages([t for state in inner.state.values() for t in state.values()]),
-        "other": _storages(obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)),
+        "other": _storages(obj for obj in gc.get_objects()
+                           if isinstance(obj, torch.Tensor) and obj.device.type == engine.device.type),
     }
     seen, breakdown = set(), {}
     for name, storages in categories.items():
@@ -109,12 +110,14 @@ def main():
                              "--model)")
     parser.add_argument("--resume-from", type=Path, default=None, metavar="UNIVERSAL_DIR",
                         help="start from a universal checkpoint of --model, as pre-training's --resume-from does")
+    parser.add_argument("--expert-parallel-size", type=int, default=None, help="replaces the config's")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = pretrained_config(args.finetune_from) if args.finetune_from else preset(args.model)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10,
+                                                   expert_parallel_size=args.expert_parallel_size)
     ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"] = 1, world_size
     ds_config["bf16"] = {"enabled": False}
     ep_size = parallelism.expert_parallel_size
@@ -139,7 +142,7 @@ def main():
         if device.type == "cpu":  # the peak counts the pages of weights files mapped while reading them
             anonymous[stage] = anonymous_resident_bytes()
 
-    measure("built", torch.device("cpu"))
+    measure("built", next(model.parameters()).device)  # the GPU under deepspeed.zero.Init, else the CPU
     built_seconds = time.perf_counter() - started
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
@@ -180,7 +183,8 @@ def main():
               "resident then, not counting mapped files):")
         for rank_index, (peaks, anonymous_now) in enumerate(zip(start_up_per_rank, anonymous_per_rank)):
             print(f"  rank {rank_index}: " + ", ".join(
-                f"{stage.replace('_', ' ')} {gib(size)}" + (f" ({gib(anonymous_now[stage])})" if anonymous_now else "")
+                f"{stage.replace('_', ' ')} {gib(size)}" + (f" ({gib(anonymous_now[stage])})" if stage in anonymous_now
+                                                          else "")
                 for stage, size in peaks.items()))
         print(f"start-up seconds (slowest rank): model built (weights loaded) {max(s[0] for s in seconds):.1f}, "
               f"engine ready {max(s[1] for s in seconds):.1f}")

@@ -20,11 +20,14 @@ import resource
 import statistics
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe import sharded_moe
 from deepspeed.moe.experts import Experts
+from torch.autograd import DeviceType
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -56,17 +59,25 @@ def synthetic_batch(config, size: int, generator) -> dict:
             "text_padding_mask": padding}
 
 
-def force_balanced_routing(model) -> list:
-    """Router logits that send token t to experts t mod E (first) and t + 1 mod E (second), whatever the
-    input; returns the hook handles."""
-    def balanced(linear, inputs, logits):
-        experts = logits.shape[-1]
+@contextmanager
+def balanced_routing():
+    """Token t goes to experts t mod E (first) and t + 1 mod E (second), whatever the router says: DeepSpeed's
+    top-2 gating is handed forced logits (through which the router's gradient still flows, so the backward does
+    the same work). The router's weight is read, not called, so a hook on it could not do this."""
+    top2gating = sharded_moe.top2gating
+
+    def forced_top2gating(logits, *args, **kwargs):
         token = torch.arange(logits.shape[0], device=logits.device)
         forced = torch.zeros_like(logits)
-        forced[token, token % experts] = 20.0
-        forced[token, (token + 1) % experts] = 10.0
-        return forced
-    return [moe.gate.wg.register_forward_hook(balanced) for moe in model.encoder.moe_layers()]
+        forced[token, token % logits.shape[1]] = 40.0
+        forced[token, (token + 1) % logits.shape[1]] = 20.0  # 20 above the rest: the Gumbel noise added to pick
+        return top2gating(logits - logits.detach() + forced, *args, **kwargs)  # the second never reorders them
+
+    sharded_moe.top2gating = forced_top2gating
+    try:
+        yield
+    finally:
+        sharded_moe.top2gating = top2gating
 
 
 def label_parts(model) -> list:
@@ -109,7 +120,6 @@ def stream_batches(config, tokenizer, args, engine, rank, world_size):
 
 
 def run(engine, config, batches, args, device, routing: str) -> dict:
-    handles = force_balanced_routing(engine.module) if routing == "balanced" else []
     times, waits, flops, tokens = [], [], [], []
     for step in range(args.warmup + args.steps):
         synchronize(device)
@@ -127,8 +137,6 @@ def run(engine, config, batches, args, device, routing: str) -> dict:
             tokens.append(len(batch["images"]) * config.num_image_tokens + int(batch["text_padding_mask"].sum()))
     split = profile_step(engine, next(batches), device)
     split["waiting for data"] = statistics.median(waits)
-    for handle in handles:
-        handle.remove()
     median = statistics.median(times)
     tflops = statistics.median(flops) / median / 1e12
     return {"routing": routing, "median": median, "spread": (max(times) - min(times)) / median,
@@ -137,26 +145,37 @@ def run(engine, config, batches, args, device, routing: str) -> dict:
 
 
 def profile_step(engine, batch, device) -> dict:
-    """Seconds of one step spent in each part (forward ranges, then backward and optimizer as wholes)."""
+    """Seconds of one step in each phase (forward, backward, optimizer step: wall time, the device synchronised
+    at each phase's end) and in each labelled part of the model (the operators run inside the part: CPU time on
+    a CPU, kernel time on a GPU; a part recomputed under activation checkpointing counts twice)."""
     activities = [torch.profiler.ProfilerActivity.CPU] + \
         ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     handles = label_parts(engine.module)
-    with torch.profiler.profile(activities=activities) as profiler:
-        with torch.profiler.record_function("forward"):
-            outputs = engine(**batch)
-        with torch.profiler.record_function("backward"):
-            engine.backward(outputs["loss"])
-        with torch.profiler.record_function("optimizer step"):
-            engine.step()
+    phases = {}
+
+    def end_of(phase, started):
         synchronize(device)
+        phases[phase] = time.perf_counter() - started
+        return time.perf_counter()
+
+    with torch.profiler.profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        outputs = engine(**batch)
+        started = end_of("forward", started)
+        engine.backward(outputs["loss"])
+        started = end_of("backward", started)
+        engine.step()
+        end_of("optimizer step", started)
     for handle in handles:
         handle.remove()
+    # Each range is also recorded on the GPU's timeline (device type CUDA, its span from first to last kernel);
+    # the host-side range sums its kernels' time, including those of ranges opened by autograd's threads.
     field = "device_time_total" if device.type == "cuda" else "cpu_time_total"
-    totals = {event.key: getattr(event, field) / 1e6 for event in profiler.key_averages()
-              if event.key in set(PARTS.values()) | {"forward", "backward", "optimizer step"}}
-    moe = totals.get("MoE layer", 0.0)
-    totals["MoE dispatch, combine, all-to-all"] = moe - totals.get("MoE gate", 0.0) - totals.get("MoE experts", 0.0)
-    return totals
+    parts = {event.key: getattr(event, field) / 1e6 for event in profiler.key_averages()
+             if event.key in PARTS.values() and event.device_type == DeviceType.CPU}
+    moe = parts.get("MoE layer", 0.0)
+    parts["MoE dispatch, combine, all-to-all"] = moe - parts.get("MoE gate", 0.0) - parts.get("MoE experts", 0.0)
+    return parts | phases
 
 
 def main():
@@ -164,6 +183,8 @@ def main():
     parser.add_argument("--model", default="eve-tiny")
     parser.add_argument("--deepspeed_config", default="ds_configs/zero2_ep.json")
     parser.add_argument("--micro-batch", type=int, default=None, help="per rank (default: the config's)")
+    parser.add_argument("--expert-parallel-size", type=int, default=None,
+                        help="replaces the config's (1 to run a config of several expert-parallel ranks on one GPU)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--routing", choices=("real", "balanced", "both"), default="both")
@@ -181,7 +202,8 @@ def main():
         tokenizer = TextTokenizer(args.tokenizer or default_tokenizer(args.data[0]), config.max_text_len)
         config = config.replace(vocab_size=tokenizer.vocab_size)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts,
-                                                   args.warmup + args.steps + 1)
+                                                   args.warmup + args.steps + 1,
+                                                   expert_parallel_size=args.expert_parallel_size)
     if args.micro_batch:
         ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch
         ds_config["train_batch_size"] = args.micro_batch * ds_config["gradient_accumulation_steps"] * world_size
@@ -195,7 +217,10 @@ def main():
     batches = (stream_batches(config, tokenizer, args, engine, rank, world_size) if args.data
                else synthetic_batches(config, args, engine, rank))
     routings = ("real", "balanced") if args.routing == "both" else (args.routing, )
-    results = [run(engine, config, batches, args, device, routing) for routing in routings]
+    results = []
+    for routing in routings:
+        with balanced_routing() if routing == "balanced" else nullcontext():
+            results.append(run(engine, config, batches, args, device, routing))
     peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     if rank != 0:
@@ -211,7 +236,8 @@ def main():
               f"{peak:.2f} GiB |")
     parts = ["attention", "multiway FFN", "MoE gate", "MoE experts", "MoE dispatch, combine, all-to-all", "forward",
              "backward", "optimizer step", "waiting for data"]
-    print("\nOne profiled step, seconds (the forward parts are inside 'forward'):")
+    print("\nOne profiled step, seconds (the model's parts are inside 'forward', and inside 'backward' where "
+          "activation checkpointing recomputes them):")
     print("| routing | " + " | ".join(parts) + " |")
     print("| --- " * (len(parts) + 1) + "|")
     for r in results:

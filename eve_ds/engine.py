@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import deepspeed
+from deepspeed.accelerator import get_accelerator
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.utils import groups
 
@@ -52,14 +53,14 @@ def close_distributed():
 
 
 def init_distributed():
-    """torch.distributed through DeepSpeed: nccl on GPUs, gloo on CPU. On CPU, when every rank is on one
-    machine, DeepSpeed's shared-memory all-reduce creates a 66 MB file in /dev/shm per rank and never removes
-    it; once all ranks have mapped their peers' files (a barrier), each removes its file's name, so that the
-    memory goes with the processes however they end. A gloo process that exits with its process groups alive
-    can abort in interpreter teardown ("terminate called without an active exception", pytorch#190489): a
-    finished run would exit -6; the groups are destroyed at exit instead."""
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
+    """torch.distributed through DeepSpeed, on its accelerator's backend (nccl on GPUs, gloo on CPU). On CPU,
+    when every rank is on one machine, DeepSpeed's shared-memory all-reduce creates a 66 MB file in /dev/shm per
+    rank and never removes it; once all ranks have mapped their peers' files (a barrier), each removes its file's
+    name, so that the memory goes with the processes however they end. A gloo process that exits with its process
+    groups alive can abort in interpreter teardown ("terminate called without an active exception",
+    pytorch#190489): a finished run would exit -6; the groups are destroyed at exit instead."""
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+    if on_gpu():
         return
     atexit.register(close_distributed)
     return_freed_memory_to_the_os()
@@ -76,12 +77,19 @@ def all_gather_objects(value) -> list:
     return values
 
 
+def on_gpu() -> bool:
+    """Whether DeepSpeed's accelerator is a GPU: DS_ACCELERATOR=cpu keeps a run on the CPU of a GPU machine."""
+    return get_accelerator().device_name() != "cpu"
+
+
 def bf16_available() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return on_gpu() and get_accelerator().is_bf16_supported()
 
 
-def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int, global_batch: int = None) -> tuple:
+def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: int, global_batch: int = None,
+                          expert_parallel_size: int = None) -> tuple:
     """Reads and validates a DeepSpeed JSON config; returns (config for DeepSpeed, ParallelismOptions).
+    ``expert_parallel_size`` replaces the config's (a command line's override).
 
     Fills what depends on the launch: an ``"auto"`` micro batch (``global_batch`` over accumulation and
     data-parallel size), ``train_batch_size`` (micro batch x accumulation x data-parallel size), ``"auto"``
@@ -100,6 +108,8 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         raise ConfigError(f"{path}: '{key}' {message}")
 
     section = config.pop(EVE_SECTION, {})
+    if expert_parallel_size is not None:
+        section["expert_parallel_size"] = expert_parallel_size
     known = {f.name for f in fields(ParallelismOptions)}
     for key in sorted(set(section) - known):
         fail(f"{EVE_SECTION}.{key}", f"is not an option; the options are {', '.join(sorted(known))}")

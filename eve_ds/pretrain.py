@@ -22,7 +22,7 @@ from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
-from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
@@ -77,6 +77,8 @@ def parse_args(argv=None):
     parser.add_argument("--resume-from", default=None,
                         help="continue from a universal checkpoint folder (tools/reshard.py), at any world size, "
                              "expert-parallel size and ZeRO stage")
+    parser.add_argument("--expert-parallel-size", type=int, default=None,
+                        help="replaces the DeepSpeed config's eve.expert_parallel_size (e.g. 1 on one GPU)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
                         help="a device's peak TFLOP/s, for the logged MFU (default: H100, dense bf16)")
     parser.add_argument("--seed", type=int, default=0)
@@ -207,7 +209,8 @@ def main(argv=None, stop: StopRequest = None):
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps,
+                                                   expert_parallel_size=args.expert_parallel_size)
     ep_size = parallelism.expert_parallel_size
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
@@ -263,7 +266,7 @@ def main(argv=None, stop: StopRequest = None):
     client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
-                                               worker_init_fn=ignore_stop_signals))
+                                               worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
     loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,
                 config.moe_layers, args.seed, args.save_interval, args.log_interval, stop, "pre-training")
     step_times = loop.run(start_step)

@@ -48,11 +48,9 @@ def start_distributed() -> tuple:
 
 
 def to_device(batch: dict, engine) -> dict:
-    """A batch of tensors on the engine's device, its floating ones in bf16 where the engine trains in bf16."""
-    batch = {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
-    if engine.bfloat16_enabled():
-        batch = {key: value.bfloat16() if value.is_floating_point() else value for key, value in batch.items()}
-    return batch
+    """A batch of tensors on the engine's device, in their own dtypes: the model casts the images it embeds to
+    its weights' dtype, and targets (soft VQA scores, pixels) stay fp32 under bf16."""
+    return {key: value.to(engine.device, non_blocking=True) for key, value in batch.items()}
 
 
 def peak_memory_mb(device) -> float:

@@ -20,6 +20,15 @@ from eve_ds.trainer import step_seed, to_device  # noqa: E402
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
 
+def gathered_weights(module, placement: ExpertPlacement) -> dict:
+    """Every parameter whole (gathered from its ZeRO-3 partitions), under its global name."""
+    weights = {}
+    for name, param in module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            weights[placement.global_name(name)] = param.detach().clone()
+    return weights
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--deepspeed_config", required=True)
@@ -42,6 +51,7 @@ def main():
                                                for moe in model.encoder.moe_layers()
                                                for param in moe.local_experts.parameters()
                                                if hasattr(param, "ds_process_group")})}
+    initial = gathered_weights(model, placement)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
 
@@ -58,16 +68,13 @@ def main():
     with torch.no_grad():  # eval mode routes deterministically: the reference for consolidated weights
         evaluation = {name: value.item() for name, value in engine(**batch).items()}
 
-    weights = {}
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            weights[placement.global_name(name)] = param.detach().clone()
-    gathered_weights, losses, evaluations = all_gather_objects(weights), all_gather_objects(loss.item()), \
-        all_gather_objects(evaluation)
+    initials, weights = all_gather_objects(initial), all_gather_objects(gathered_weights(engine.module, placement))
+    losses, evaluations = all_gather_objects(loss.item()), all_gather_objects(evaluation)
     builds = all_gather_objects(built)
     if rank == 0:
-        merged = {name: tensor for part in gathered_weights for name, tensor in part.items()}
-        torch.save({"losses": losses, "weights": merged, "eval": evaluations, "built": builds,
+        merged = {name: tensor for part in weights for name, tensor in part.items()}
+        initial = {name: tensor for part in initials for name, tensor in part.items()}
+        torch.save({"losses": losses, "weights": merged, "initial": initial, "eval": evaluations, "built": builds,
                     "expert_parallel_size": ep_size}, args.out)
     dist.barrier()
 

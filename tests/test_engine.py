@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from eve_ds.config import ConfigError, preset
 from eve_ds.engine import load_deepspeed_config, optimizer_param_groups
@@ -25,7 +26,7 @@ def test_shipped_configs_fill_launch_dependent_values(name):
     assert config["train_batch_size"] == config["train_micro_batch_size_per_gpu"] * 4
     assert config["scheduler"]["params"]["total_num_steps"] == 200
     assert config["scheduler"]["params"]["warmup_num_steps"] == 10
-    assert config["bf16"]["enabled"] is (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert config["bf16"]["enabled"] is (get_accelerator().device_name() == "cuda" and torch.cuda.is_bf16_supported())
 
 
 @pytest.mark.parametrize("change, world_size, message", [
@@ -42,6 +43,14 @@ def test_shipped_configs_fill_launch_dependent_values(name):
 def test_invalid_configs_get_one_clear_sentence(tmp_path, change, world_size, message):
     with pytest.raises(ConfigError, match=message):
         load_deepspeed_config(write(tmp_path, small_ds_config(**change)), world_size, num_experts=4, train_steps=10)
+
+
+def test_an_expert_parallel_size_given_replaces_the_configs_and_is_checked_alike():
+    config_of_two = REPO / "ds_configs" / "zero3.json"
+    _, options = load_deepspeed_config(config_of_two, 1, 4, 10, expert_parallel_size=1)
+    assert options.expert_parallel_size == 1 and options.activation_checkpointing
+    with pytest.raises(ConfigError, match="does not divide the world size 2"):
+        load_deepspeed_config(config_of_two, 2, 4, 10, expert_parallel_size=4)
 
 
 def test_unreadable_config_files(tmp_path):

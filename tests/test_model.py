@@ -116,3 +116,17 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         torch.testing.assert_close(recomputed_grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
     gate_grad = plain_grads["encoder.blocks.2.ffn.deepspeed_moe.gate.modality_embed"]
     assert gate_grad.abs().sum() > 0  # the router embeddings learn through the aux loss and gate weights
+
+
+def test_a_bf16_model_takes_the_fp32_batch_and_scores_against_fp32_pixels():
+    """Batches stay fp32 on the device (soft VQA targets and pixel targets are not rounded to bf16): the model
+    casts the images it embeds to its own dtype."""
+    config = preset("eve-tiny").replace(capacity_factor=8.0, eval_capacity_factor=8.0)
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config).eval()
+    inputs = batch(config)
+    fp32 = model(**inputs)
+    bf16 = model.bfloat16()(**inputs)
+    assert bf16["image_loss"].dtype == torch.float32
+    assert bf16["image_loss"].item() == pytest.approx(fp32["image_loss"].item(), rel=0.02)
+    assert bf16["text_loss"].item() == pytest.approx(fp32["text_loss"].item(), rel=0.02)

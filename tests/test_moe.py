@@ -156,3 +156,17 @@ def test_expert_load_counts_stay_exact_integers_in_a_bf16_model():
     moe(hidden.bfloat16(), modality)
     load = moe.gate.expert_load
     assert load.dtype == torch.long and load.sum() == 2 * 30 * 20  # top-2, nothing dropped at capacity factor 8
+
+
+def test_the_step_benchmarks_balanced_routing_gives_every_expert_its_share():
+    """benchmarks/step.py's forced routing, against which published MoE figures compare: each expert gets
+    exactly its share of the routes, inside the context only."""
+    from benchmarks.step import balanced_routing
+
+    moe = make_moe(capacity_factor=1.0)
+    hidden, modality = tokens(batch=4, length=8)
+    with balanced_routing():
+        moe(hidden, modality)
+    assert moe.gate.expert_load.sum(0).tolist() == [2 * 32 // EXPERTS] * EXPERTS
+    moe(hidden, modality)
+    assert moe.gate.expert_load.sum(0).tolist() != [2 * 32 // EXPERTS] * EXPERTS

@@ -35,8 +35,8 @@ def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
         for key in ("loss", "image_loss", "text_loss", "aux_loss", "lr"):
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
 
-    # Two ranks with ep 2 -> one rank -> back to two ranks with ep 2.
-    single, log = launch_pretrain(tmp_path, tmp_path / "one_rank", small_ds_config(eve={"expert_parallel_size": 1}),
+    # Two ranks with ep 2 -> one rank (the ep-2 config, as on one GPU) -> back to two ranks with ep 2.
+    single, log = launch_pretrain(tmp_path, tmp_path / "one_rank", small_ds_config(), "--expert-parallel-size", 1,
                                   "--steps", steps, "--save-interval", interrupted_at + 1, "--resume-from",
                                   tmp_path / "universal", num_ranks=1)
     assert [r["step"] for r in single] == [4, 5]

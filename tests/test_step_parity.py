@@ -80,6 +80,17 @@ def test_distributed_step_matches_single_process_reference(distributed_run):
         torch.testing.assert_close(result["weights"][name], expected, rtol=1e-4, atol=2e-6, msg=name)
 
 
+def test_every_layout_starts_from_the_reference_weights(distributed_run):
+    """Built on 2 or 4 ranks, partitioned or not, in bf16 or fp32, the model starts from the single-process
+    model's fp32 draws (rounded to bf16 in a bf16 run)."""
+    world_size, _, result, _, _ = distributed_run
+    _, initial_weights, _ = reference_step(world_size)
+    assert result["initial"].keys() == initial_weights.keys()
+    for name, expected in initial_weights.items():
+        built = result["initial"][name]
+        assert torch.equal(built, expected.to(built.dtype)), name
+
+
 def check_bf16_step(result: dict, master: dict, initial_weights: dict, reference_weights: dict):
     """A bf16 step: the model's weights are its fp32 master weights rounded to bf16, and the master weights took
     the reference's AdamW step (from the initial weights rounded to bf16: DeepSpeed makes its master copy from
@@ -126,7 +137,6 @@ def test_consolidated_checkpoint_reproduces_distributed_eval_outputs(distributed
     batch = global_batch(MICRO_BATCH * world_size)
     if bf16:
         model = model.bfloat16()
-        batch["images"] = batch["images"].bfloat16()
     with torch.no_grad():
         for rank in range(world_size):
             outputs = model(**shard(batch, rank, world_size))

@@ -22,7 +22,7 @@ from eve_ds.checkpoint.universal import set_master_weights
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data import TextTokenizer
-from eve_ds.engine import build_model, initialize, load_deepspeed_config, zero_stage
+from eve_ds.engine import build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
 from eve_ds.finetune.heads import encoder_weights
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
@@ -263,7 +263,7 @@ def main(argv=None, stop: StopRequest = None):
     batches = iter(torch.utils.data.DataLoader(
         EpochItems(task.train), batch_sampler=epoch_batches(len(task.train), micro_batch, rank, world_size, args.seed,
                                                             start_step * accumulation),
-        num_workers=args.num_workers, worker_init_fn=ignore_stop_signals))
+        num_workers=args.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
     run_log = RunLog(args.out, is_main, start_step)
     if args.eval_before and start_step == 0:
         run_log.write({"step": 0, **{f"val_{key}": value for key, value in job.evaluate(0).items()}})

@@ -153,7 +153,7 @@ class EVE(nn.Module):
 
     def embed_image(self, images, image_mask=None):
         """[B, C, H, W] -> [B, num_image_tokens, width]: [CLS_img] and patches, with positions and type."""
-        patches = self.patch_embed(images).flatten(2).transpose(1, 2)
+        patches = self.patch_embed(images.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         if image_mask is not None:  # BEiT-style: masked patches stay in the sequence as a learned embedding
             patches = torch.where(image_mask.unsqueeze(-1), self.vision_mask_embed.to(patches.dtype), patches)
         image = torch.cat([self.image_cls.expand(patches.shape[0], -1, -1), patches], dim=1) + self.image_pos

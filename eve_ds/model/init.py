@@ -35,7 +35,9 @@ def whole(module: nn.Module):
 def trunc_normal_(param: torch.Tensor, std: float, generator: torch.Generator):
     if param.is_meta:  # a model built on the meta device only to count its parameters
         return
-    value = torch.empty(param.shape, device="cpu")
+    # In fp32 whatever the model's dtype: inside a bf16 deepspeed.zero.Init, torch.empty makes bf16 tensors even
+    # when asked for fp32 (Tensor.new_empty is left alone), and a bf16 draw can differ from the rounded fp32 one.
+    value = param.new_empty(param.shape, dtype=torch.float32, device="cpu")
     nn.init.trunc_normal_(value, std=std, generator=generator)
     param.copy_(value)
 
