@@ -9,9 +9,9 @@ of 60% real tokens, the pre-training masks), or with ``--data`` on the pre-train
 (decoding, augmentation and masking in ``--num-workers`` loader processes; the time spent waiting for them is
 reported), on the device at hand, with the model's own routing and/or with
 routing forced to balance (every token to experts i and i+1 mod E, so each expert gets exactly its share, as
-published MoE figures measure). Then one profiled step splits the time between attention, multiway FFNs, the
-MoE layer (gate; experts; dispatch, combine and all-to-all), the backward pass, the optimizer step and waiting
-for data.
+published MoE figures measure). Then one profiled step splits the time between attention, multiway FFNs, layer
+norms, the MoE layer (gate; experts; dispatch, combine and all-to-all), the backward pass, the optimizer step and
+waiting for data.
 TFLOP/s count the activated FLOPs of eve_ds/flops.py; MFU is against ``--peak-tflops`` per rank.
 """
 import argparse
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from deepspeed.moe import sharded_moe
 from deepspeed.moe.experts import Experts
 from torch.autograd import DeviceType
@@ -42,8 +43,8 @@ from eve_ds.objectives.masking import IGNORE_INDEX  # noqa: E402
 from eve_ds.pretrain import default_tokenizer  # noqa: E402
 from eve_ds.trainer import to_device  # noqa: E402
 
-PARTS = {Attention: "attention", MultiwayFFN: "multiway FFN", ModalityAwareMoE: "MoE layer",
-         ModalityAwareGate: "MoE gate", Experts: "MoE experts"}
+PARTS = {Attention: "attention", MultiwayFFN: "multiway FFN", nn.LayerNorm: "layer norms",
+         ModalityAwareMoE: "MoE layer", ModalityAwareGate: "MoE gate", Experts: "MoE experts"}
 
 
 def synthetic_batch(config, size: int, generator) -> dict:
@@ -234,10 +235,10 @@ def main():
         print(f"| {r['routing']} | {r['median'] * 1e3:.1f} ms | {100 * r['spread']:.0f}% | {r['samples']:.1f} | "
               f"{r['tokens']:.0f} | {r['tflops']:.3g} | {100 * r['mfu']:.2g}% | {100 * r['wait']:.1f}% | "
               f"{peak:.2f} GiB |")
-    parts = ["attention", "multiway FFN", "MoE gate", "MoE experts", "MoE dispatch, combine, all-to-all", "forward",
-             "backward", "optimizer step", "waiting for data"]
+    parts = ["attention", "multiway FFN", "layer norms", "MoE gate", "MoE experts", "MoE dispatch, combine, all-to-all",
+             "forward", "backward", "optimizer step", "waiting for data"]
     print("\nOne profiled step, seconds (the model's parts are inside 'forward', and inside 'backward' where "
-          "activation checkpointing recomputes them):")
+          "activation checkpointing recomputes them; the multiway FFN's norms are in both its column and the norms'):")
     print("| routing | " + " | ".join(parts) + " |")
     print("| --- " * (len(parts) + 1) + "|")
     for r in results:
