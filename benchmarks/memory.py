@@ -133,8 +133,7 @@ def main():
         model = build() if args.whole_model_build else build_model(build, ds_config)
     if args.resume_from:
         universal = load_universal(args.resume_from)
-        global_names = {name: placement.global_name(name) for name in model.state_dict()}
-        load_weights(model, universal.weights.renamed(global_names), args.resume_from)
+        load_weights(model, universal.weights.renamed(placement.global_names(model)), args.resume_from)
     start_up, anonymous = {}, {}
 
     def measure(stage: str, device):

@@ -230,8 +230,7 @@ def main(argv=None, stop: StopRequest = None):
     torch.manual_seed(args.seed)
     model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
     if universal is not None:
-        global_names = {name: placement.global_name(name) for name in model.state_dict()}
-        load_weights(model, universal.weights.renamed(global_names), args.resume_from)
+        load_weights(model, universal.weights.renamed(placement.global_names(model)), args.resume_from)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "

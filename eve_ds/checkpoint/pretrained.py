@@ -159,20 +159,16 @@ def load_weights(module: torch.nn.Module, weights: Mapping, source) -> torch.nn.
     buffer of ``module``'s state dict, each module's parameters gathered from their ZeRO-3 partitions while they
     are written (where ``engine.build_model`` partitioned them). Strict: fails, naming ``source``, on missing,
     unexpected or mis-shaped weights."""
-    expected = set(module.state_dict())
-    missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
-    if missing or unexpected:
-        raise ValueError("\n".join([f"{source} does not fit the model:"] + [
-            key_report(title, keys) for title, keys in (("missing", missing), ("unexpected", unexpected)) if keys]))
+    # A ZeRO-3 partition's own shape is empty; ds_shape is the whole parameter's.
+    expected = {name: getattr(tensor, "ds_shape", tensor.shape)
+                for name, tensor in module.state_dict(keep_vars=True).items()}
+    mismatch = state_dict_mismatch(expected, weights)
+    if mismatch:
+        raise ValueError("\n".join([f"{source} does not fit the model:", *mismatch]))
     for prefix, child in module.named_modules():
         with whole(child):
             for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:
                 key = f"{prefix}.{name}" if prefix else name
-                if key not in expected:  # a buffer that is not saved
-                    continue
-                value = weights[key]
-                if value.shape != tensor.shape:
-                    raise ValueError(f"{source}: weight {key} has shape {tuple(value.shape)}, the model's is "
-                                     f"{tuple(tensor.shape)}")
-                tensor.copy_(value)
+                if key in expected:  # not a buffer that is left out of the state dict
+                    tensor.copy_(weights[key])
     return module

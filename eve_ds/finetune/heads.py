@@ -22,7 +22,7 @@ def classifier(in_features: int, hidden_features: int, num_classes: int) -> nn.S
 def encoder_weights(weights: StoredWeights, encoder: EVE, placement: ExpertPlacement) -> StoredWeights:
     """The pre-trained weights (``open_pretrained``) that ``encoder``, holding ``placement``'s experts, takes, under
     the encoder's own names."""
-    return weights.renamed({name: f"encoder.{placement.global_name(name)}" for name in encoder.state_dict()})
+    return weights.renamed(placement.global_names(encoder, prefix="encoder."))
 
 
 class TaskModel(nn.Module):

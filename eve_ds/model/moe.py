@@ -58,6 +58,11 @@ class ExpertPlacement:
         """A parameter name of this rank's model -> its name in the model that holds every expert."""
         return LOCAL_EXPERT_KEY.sub(lambda m: f"{m[1]}{self.global_index(int(m[2]))}{m[3]}", name)
 
+    def global_names(self, module: nn.Module, prefix: str = "") -> dict:
+        """Each name of ``module``'s state dict -> ``prefix`` + its name in the model that holds every expert (the
+        renaming with which this rank reads its share of a whole model's weights)."""
+        return {name: prefix + self.global_name(name) for name in module.state_dict()}
+
     def sharing_ranks(self, world_size: int) -> list:
         """The global ranks that hold the same experts (the expert-data-parallel group)."""
         return [rank for rank in range(world_size) if rank % self.ep_size == self.ep_rank]
