@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
+from contextlib import contextmanager
 
 # Only the standard library at import time: launch/pretrain.py installs StopRequest before it imports
 # torch, so that a signal during the seconds of start-up is recorded too.
@@ -90,18 +92,61 @@ def set_distributed_env_from_slurm(environ=os.environ) -> bool:
     return True
 
 
+def set_single_process_env(environ=os.environ) -> bool:
+    """Started as a plain ``python launch/....py``, without a launcher or srun: one rank on this host (DeepSpeed
+    would otherwise look for MPI). Returns whether it did."""
+    if any(key in environ for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID")):
+        return False
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return True
+
+
+class StoppedWaiting(BaseException):
+    """A stop signal ended a wait (for data) that no step boundary would have ended. A BaseException, so that
+    the readers' handlers of bad data do not take it for one."""
+
+
 class StopRequest:
     """Records SIGUSR1/SIGTERM (SLURM's warning before a time limit, preemption, scancel) instead of dying,
-    so that the training loop can finish its step and write a checkpoint first."""
+    so that the training loop can finish its step and write a checkpoint first. Inside ``interruptible()`` (a
+    rank waiting for its data) the signal raises StoppedWaiting instead: no step boundary may come."""
 
     def __init__(self):
         self.signal_name = None
+        self._waiting = False
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._record)
 
     def _record(self, signum, frame):
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
+        if self._waiting:
+            self._waiting = False
+            raise StoppedWaiting(self.signal_name)
+
+    def _alarm(self, signum, frame):
+        if self._waiting:
+            self._waiting = False
+            raise StoppedWaiting(self.signal_name)
+
+    @contextmanager
+    def interruptible(self, grace_s: float = 60.0):
+        """A wait that a stop signal ends. Where the signal came before the wait began (during the micro-step
+        before), the wait still ends if it lasts ``grace_s``."""
+        armed = self.signal_name is not None
+        if armed:
+            signal.signal(signal.SIGALRM, self._alarm)
+            signal.setitimer(signal.ITIMER_REAL, grace_s)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
+            if armed:
+                signal.setitimer(signal.ITIMER_REAL, 0)
 
     def agreed(self, device) -> bool:
         """Whether any rank has been signalled: every rank must stop at the same step."""
@@ -111,6 +156,16 @@ class StopRequest:
         flag = torch.tensor([1.0 if self.signal_name else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+def end_helper_processes():
+    """Kills this process's multiprocessing children (data-loader workers) before a job ends early: they ignore
+    SIGTERM (see ignore_stop_signals), so a worker stuck in a read would keep the exit waiting for it forever."""
+    import multiprocessing
+
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would report the killed workers as a failure
+    for child in multiprocessing.active_children():
+        child.kill()
 
 
 def ignore_stop_signals(worker_id: int = 0):

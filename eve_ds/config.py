@@ -1,8 +1,9 @@
 """Model configuration and the named presets (eve-tiny, eve-base, eve-large)."""
+from eve_ds.errors import UsageError
 from dataclasses import asdict, dataclass, fields, replace
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A configuration that cannot work; the message names the offending key."""
 
 

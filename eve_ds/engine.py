@@ -101,13 +101,21 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         raise ConfigError(f"DeepSpeed config {path} does not exist")
     try:
         config = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"DeepSpeed config {path} is a JSON {type(config).__name__}; it must be an object "
+                          f"({{\"train_micro_batch_size_per_gpu\": ..., ...}})")
+
+    ep_key = f"{EVE_SECTION}.expert_parallel_size"
 
     def fail(key, message):
-        raise ConfigError(f"{path}: '{key}' {message}")
+        from_command_line = key == ep_key and expert_parallel_size is not None
+        raise ConfigError(f"{'--expert-parallel-size' if from_command_line else f'{path}: {key!r}'} {message}")
 
     section = config.pop(EVE_SECTION, {})
+    if not isinstance(section, dict):
+        fail(EVE_SECTION, f"must be an object, got {section!r}")
     if expert_parallel_size is not None:
         section["expert_parallel_size"] = expert_parallel_size
     known = {f.name for f in fields(ParallelismOptions)}
@@ -115,14 +123,14 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         fail(f"{EVE_SECTION}.{key}", f"is not an option; the options are {', '.join(sorted(known))}")
     options = ParallelismOptions(**section)
     ep_size = options.expert_parallel_size
-    if not isinstance(ep_size, int) or ep_size < 1:
-        fail(f"{EVE_SECTION}.expert_parallel_size", f"must be a positive integer, got {ep_size!r}")
+    if not isinstance(ep_size, int) or isinstance(ep_size, bool) or ep_size < 1:
+        fail(ep_key, f"must be a positive integer, got {ep_size!r}")
     if world_size % ep_size:
-        fail(f"{EVE_SECTION}.expert_parallel_size",
-             f"is {ep_size}, which does not divide the world size {world_size}; launch a multiple of {ep_size} ranks")
+        other = "" if expert_parallel_size is not None else ", or set --expert-parallel-size"
+        fail(ep_key, f"is {ep_size}, which does not divide the world size {world_size}; launch a multiple of "
+                     f"{ep_size} ranks{other}")
     if num_experts % ep_size:
-        fail(f"{EVE_SECTION}.expert_parallel_size",
-             f"is {ep_size}, which does not divide the model's {num_experts} experts")
+        fail(ep_key, f"is {ep_size}, which does not divide the model's {num_experts} experts")
     if not isinstance(options.activation_checkpointing, bool):
         fail(f"{EVE_SECTION}.activation_checkpointing", f"must be true or false, got {options.activation_checkpointing!r}")
 
@@ -195,6 +203,16 @@ def build_model(build, ds_config: dict) -> torch.nn.Module:
         return build()
 
 
+def start_schedule_at_step_one(scheduler):
+    """Makes optimizer step s apply the schedule's value at s. DeepSpeed's warmup schedulers begin at iteration -1
+    (lr 0) and torch's at 0, which a linear warmup maps to lr 0: the first steps would not train (two of them under
+    DeepSpeed's). A resumed engine then loads the scheduler's saved position over this one."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        scheduler.step()
+    elif hasattr(scheduler, "last_batch_iteration"):
+        scheduler.step(1)
+
+
 def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlacement, param_groups: list = None,
                lr_scheduler=None):
     """Wraps the model (built with ``placement``) in a DeepSpeed engine; returns (engine, lr scheduler).
@@ -207,6 +225,8 @@ def initialize(model: torch.nn.Module, ds_config: dict, placement: ExpertPlaceme
             "weight_decay", 0.0))
     engine, _, _, scheduler = deepspeed.initialize(model=model, config=ds_config, model_parameters=param_groups,
                                                    lr_scheduler=lr_scheduler)
+    if scheduler is not None:
+        start_schedule_at_step_one(scheduler)
     if placement.ep_size > 1:
         actual = groups._get_expert_parallel_rank(f"ep_size_{placement.ep_size}")
         expected = placement.ep_rank

@@ -16,19 +16,21 @@ import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import saved_model_config
 from eve_ds.checkpoint.pretrained import load_weights
-from eve_ds.checkpoint.training import RunCheckpoints
+from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
+from eve_ds.errors import ArgumentParser
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
-from eve_ds.trainer import Job, Loop, RunLog, all_reduce, run_summary, start_distributed, to_device
+from eve_ds.trainer import (Job, Loop, RunLog, all_reduce, distributed_env, on_rank_zero, run_folder_held,
+                            run_summary, start_distributed, to_device)
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +39,7 @@ LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Pre-train EVE by masked signal modeling with DeepSpeed.")
+    parser = ArgumentParser(description="Pre-train EVE by masked signal modeling with DeepSpeed.")
     parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
     parser.add_argument("--data", nargs="+", default=[str(DEFAULT_DATA)], metavar="SOURCE",
                         help="tar shards (a brace pattern such as 'cc3m/{00000..00331}.tar', a folder or a file, "
@@ -69,6 +71,9 @@ def parse_args(argv=None):
     parser.add_argument("--keep-checkpoints", type=int, default=2,
                         help="newest complete checkpoints kept on disk (0: all)")
     parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--max-bad-steps", type=int, default=10,
+                        help="stop as diverged after this many steps in a row that DeepSpeed skipped or whose loss "
+                             "or gradient norm is not finite (0: never)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the run folder's newest complete checkpoint (an error if it has none)")
     parser.add_argument("--auto-resume", action="store_true",
@@ -93,16 +98,34 @@ def parse_args(argv=None):
         parser.error("--resume/--auto-resume and --resume-from exclude each other")
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
+    at_least = {"steps": 1, "save_interval": 1, "log_interval": 1, "val_interval": 1, "shuffle_block": 1,
+                "keep_checkpoints": 0, "num_workers": 0, "max_bad_steps": 0, "expert_parallel_size": 1}
+    for name, least in at_least.items():
+        if getattr(args, name) is not None and getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be {'positive' if least else 'zero or more'}, "
+                         f"got {getattr(args, name)}")
+    for name in ("image_mask_ratio", "text_mask_ratio"):
+        if not 0 < getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must lie between 0 and 1, got {getattr(args, name)}")
+    if args.peak_tflops <= 0:
+        parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    for spec in args.data + [args.val_data] * bool(args.val_data):
+        path = Path(spec.removeprefix("file://"))
+        if "{" not in spec and not path.exists():
+            parser.error(f"data source {spec} does not exist")
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
     args.data_weights = args.data_weights or [1.0] * len(args.data)
     if len(args.data_weights) != len(args.data):
         parser.error(f"--data-weights: {len(args.data_weights)} weights for {len(args.data)} sources")
+    if any(not weight > 0 for weight in args.data_weights):
+        parser.error(f"--data-weights must be positive, got {' '.join(map(str, args.data_weights))}")
     args.tokenizer = Path(args.tokenizer or default_tokenizer(args.data[0]))
     malformed = [item for item in args.special_token if "=" not in item]
     if malformed:
         parser.error(f"--special-token wants ROLE=TOKEN, got {', '.join(malformed)}")
     args.special_token = dict(item.split("=", 1) for item in args.special_token)
     return args
+
 
 
 def default_tokenizer(source: str) -> Path:
@@ -191,16 +214,32 @@ class PretrainingJob(Job):
 
 
 def main(argv=None, stop: StopRequest = None):
+    """Everything that can be checked is checked before torch.distributed starts (one sentence, exit 2: see
+    launch/pretrain.py); then the run folder is locked for this job."""
     stop = stop or StopRequest()
     args = parse_args(argv)
-    rank, world_size = start_distributed()
-    is_main = rank == 0
-
+    rank, world_size = distributed_env()
     tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len, args.special_token)
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
     if args.routing_embedding_to_experts is not None:
         config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
-    checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
+    masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps,
+                                                   expert_parallel_size=args.expert_parallel_size)
+    ep_size = parallelism.expert_parallel_size
+    layout = run_layout(world_size, ep_size, ds_config)
+    check_run_folder(args.out / "checkpoints", args.resume, args.auto_resume, args.resume_from, layout)
+
+    start_distributed()
+    with run_folder_held(args.out):
+        return train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout)
+
+
+def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout):
+    rank, world_size, ep_size = dist.get_rank(), dist.get_world_size(), parallelism.expert_parallel_size
+    is_main = rank == 0
+    checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints, layout,
+                                 parameter_counts(config).total)
     universal = load_universal(args.resume_from) if args.resume_from else None
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
@@ -208,13 +247,10 @@ def main(argv=None, stop: StopRequest = None):
         saved = universal.model_config if universal is not None else saved_model_config(resume_tag)
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
-    masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps,
-                                                   expert_parallel_size=args.expert_parallel_size)
-    ep_size = parallelism.expert_parallel_size
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
-    sources = [open_source(spec) for spec in args.data]
+    # Rank 0 first: it counts shards that have no index and caches the counts, which the other ranks then read.
+    sources = on_rank_zero(lambda: [open_source(spec, index_cache=args.out) for spec in args.data])
     for source, weight in zip(sources, args.data_weights):
         logger.info("data: %s, %d samples in %d %s, weight %g", source.name, source.total, len(source.units),
                     f"lines ({source.malformed_lines} malformed lines skipped)" if source.is_manifest else "shards",
@@ -223,7 +259,7 @@ def main(argv=None, stop: StopRequest = None):
                                MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment),
                                micro_batch, rank, world_size, args.num_workers, args.seed, args.shuffle_block)
     position = StreamPosition(stream)
-    validation = open_source(args.val_data) if args.val_data else None
+    validation = on_rank_zero(lambda: open_source(args.val_data, index_cache=args.out)) if args.val_data else None
     validation_samples = MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, augment=False)
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
@@ -264,10 +300,12 @@ def main(argv=None, stop: StopRequest = None):
         args.out.mkdir(parents=True, exist_ok=True)
     client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
+    job.write_files = tokenizer.save
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                                worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
     loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,
-                config.moe_layers, args.seed, args.save_interval, args.log_interval, stop, "pre-training")
+                config.moe_layers, args.seed, args.save_interval, args.log_interval, stop, "pre-training",
+                args.max_bad_steps)
     step_times = loop.run(start_step)
     summary = run_summary(step_times, engine.device, steps=args.steps, world_size=world_size,
                           expert_parallel_size=ep_size, parameters=counts.total, activated_parameters=counts.activated,

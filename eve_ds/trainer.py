@@ -3,10 +3,12 @@ resume and stop on a signal. A job supplies what differs through a small interfa
 """
 import json
 import logging
+import math
 import os
 import resource
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,9 +18,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from eve_ds.checkpoint.training import RunCheckpoints
-from eve_ds.cluster import EXIT_REQUEUE, StopRequest, set_distributed_env_from_slurm
-from eve_ds.engine import init_distributed
+from eve_ds.cluster import (EXIT_REQUEUE, StopRequest, StoppedWaiting, end_helper_processes,
+                            set_distributed_env_from_slurm, set_single_process_env)
+from eve_ds.engine import all_gather_objects, init_distributed
+from eve_ds.errors import TrainingDiverged, UsageError
 from eve_ds.model.moe import TEXT, VISION
+from eve_ds.run_folder import RunFolderLock
 
 logger = logging.getLogger(__name__)
 
@@ -34,17 +39,58 @@ def all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return values
 
 
-def start_distributed() -> tuple:
-    """Logging, the ranks' variables under srun, torch.distributed; returns (rank, world size). Only rank 0 logs
-    below warnings."""
+def distributed_env() -> tuple:
+    """Logging, and the variables torch.distributed reads: a launcher's, an srun task's, or one process of its
+    own (started without either); returns (rank, world size) before anything distributed starts, so that a job
+    can check its input first. Only rank 0 logs below warnings."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if set_distributed_env_from_slurm():
         logger.info("srun task %s of %s: master %s:%s", os.environ["RANK"], os.environ["WORLD_SIZE"],
                     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"])
-    init_distributed()
-    if dist.get_rank() != 0:
+    set_single_process_env()
+    rank = int(os.environ["RANK"])
+    if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    return rank, int(os.environ["WORLD_SIZE"])
+
+
+def start_distributed() -> tuple:
+    """torch.distributed (after ``distributed_env``); returns (rank, world size)."""
+    distributed_env()
+    if not dist.is_initialized():
+        init_distributed()
     return dist.get_rank(), dist.get_world_size()
+
+
+def on_rank_zero(build, then_others: bool = True):
+    """``build()`` on rank 0 first, then (``then_others``) on the other ranks, which may read what rank 0 left (a
+    shard index it counted). A UsageError of rank 0 is raised on every rank, so that all stop with its sentence
+    instead of waiting for it."""
+    result, failure = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = build()
+        except UsageError as error:
+            failure = error
+    failure = all_gather_objects(failure)[0]
+    if failure is not None:
+        raise failure
+    if then_others and dist.get_rank() != 0:
+        result = build()
+    return result
+
+
+@contextmanager
+def run_folder_held(out: Path):
+    """This job's hold on its run folder for as long as the block runs: rank 0 holds the lock, and a folder that
+    another live job holds is refused on every rank."""
+    lock = RunFolderLock(out)
+    on_rank_zero(lock.acquire, then_others=False)
+    try:
+        yield
+    finally:
+        if dist.get_rank() == 0:
+            lock.release()
 
 
 def to_device(batch: dict, engine) -> dict:
@@ -59,20 +105,37 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # ru_maxrss is in KiB on Linux
 
 
+def records_up_to(path: Path, last_step: int) -> list:
+    """The lines of a metrics file that a run continuing after ``last_step`` keeps: one per step up to it (the
+    newest, where an earlier resume left two), in step order. Steps after it are redone; a torn line (a crash in
+    the middle of a write) is dropped with a warning."""
+    kept = {}
+    for number, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s: line %d is torn or not a record (a crash in the middle of a write?); dropped",
+                           path, number)
+            continue
+        if step <= last_step:
+            kept[step] = line
+    return [kept[step] for step in sorted(kept)]
+
+
 class RunLog:
-    """Rank 0's outputs: console lines, tensorboard scalars and metrics.jsonl (one object per step)."""
+    """Rank 0's outputs: console lines, tensorboard scalars and metrics.jsonl (one object per step, whatever
+    crashes and resumes came before)."""
 
     def __init__(self, out: Path, active: bool, resume_step: int):
         self.active = active
         if not active:
             return
         self.metrics_path = out / "metrics.jsonl"
-        if resume_step and self.metrics_path.exists():  # drop steps after the checkpoint: they are redone
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if json.loads(line)["step"] <= resume_step]
-            self.metrics_path.write_text("".join(line + "\n" for line in kept))
+        kept = records_up_to(self.metrics_path, resume_step) if resume_step else []  # a fresh start keeps none
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
         self.metrics = self.metrics_path.open("a")
-        self.writer = SummaryWriter(str(out / "tensorboard"))
+        # Events of steps after the resume point, written by the run that died, are hidden by tensorboard.
+        self.writer = SummaryWriter(str(out / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict):
         if not self.active:
@@ -81,7 +144,8 @@ class RunLog:
         self.metrics.flush()
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(f"train/{key}", value, record["step"])
+                name = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
+                self.writer.add_scalar(name, value, record["step"])
         for reason, count in record.get("skipped", {}).items():
             self.writer.add_scalar(f"skipped/{reason}", count, record["step"])
         for layer, load in record.get("expert_load", {}).items():
@@ -115,8 +179,9 @@ class Job:
     micro-batches and ranks (the first is back-propagated); ``inputs`` turns a micro-batch of the job's loader
     into the model's keyword arguments plus counts summed over micro-batches and ranks (``samples`` among them);
     ``step_record`` adds the job's figures to a step's record, ``console`` says them, ``client_state`` is
-    saved with every checkpoint."""
+    saved with every checkpoint and ``write_files(folder)`` adds files to it (on rank 0)."""
     loss_names = ("loss", )
+    write_files = None
 
     def inputs(self, batch: dict) -> tuple:
         raise NotImplementedError
@@ -129,6 +194,12 @@ class Job:
 
     def client_state(self) -> dict:
         return {}
+
+
+def is_bad_step(record: dict) -> bool:
+    """A step whose update cannot be trusted: DeepSpeed skipped it (an overflow), or its loss or gradient norm is
+    not finite (under bf16 and fp32 there is no loss scaler to skip it)."""
+    return record["step_skipped"] or not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]))
 
 
 @dataclass
@@ -146,24 +217,31 @@ class Loop:
     log_interval: int = 10
     stop: StopRequest = field(default_factory=StopRequest)
     description: str = "training"
+    max_bad_steps: int = 10  # consecutive skipped or non-finite steps before the run stops as diverged
 
     def run(self, start_step: int) -> list:
         """Trains from ``start_step`` to ``steps``; returns the step times. On an agreed stop signal it saves a
-        checkpoint and exits with EXIT_REQUEUE."""
+        checkpoint and exits with EXIT_REQUEUE (also, without a checkpoint, when the signal comes while a rank
+        waits for data). After ``max_bad_steps`` bad steps in a row it raises TrainingDiverged; no checkpoint is
+        written while the newest steps are bad, so the last good ones are never rotated away."""
         engine, job, device = self.engine, self.job, self.engine.device
         rank, world_size = dist.get_rank(), dist.get_world_size()
         is_main = rank == 0
         # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
         progress = tqdm(total=self.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
                         desc=self.description, unit="step")
-        step_times, count_names = [], None
+        step_times, count_names, bad_steps = [], None, 0
         for step in range(start_step + 1, self.steps + 1):
             started = time.perf_counter()
             losses, counts, loads = torch.zeros(len(job.loss_names), device=device, dtype=torch.float64), None, None
-            data_wait = 0.0
+            data_wait, lr, skipped_before = 0.0, engine.get_lr()[0], engine.skipped_steps
             for micro_step in range(self.accumulation):
                 waiting = time.perf_counter()
-                batch = next(self.batches)
+                try:
+                    with self.stop.interruptible():
+                        batch = next(self.batches)
+                except StoppedWaiting:
+                    self._exit_waiting(step, progress)
                 data_wait += time.perf_counter() - waiting
                 inputs, micro_counts = job.inputs(batch)
                 count_names = count_names or tuple(micro_counts)
@@ -183,10 +261,16 @@ class Loop:
             step_losses = (totals[:len(job.loss_names)] / world_size).tolist()
             step_counts = dict(zip(count_names, totals[len(job.loss_names):].tolist()))
             grad_norm = engine.get_global_grad_norm()
-            record = {"step": step, **dict(zip(job.loss_names, step_losses)), "lr": engine.get_lr()[0],
+            record = {"step": step, **dict(zip(job.loss_names, step_losses)), "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                      "step_skipped": engine.skipped_steps > skipped_before,
                       "samples_per_s": step_counts["samples"] / step_time, "step_time_s": step_time,
                       "data_wait_s": data_wait, **job.step_record(step, step_counts, step_time)}
+            bad_steps = bad_steps + 1 if is_bad_step(record) else 0
+            if bad_steps and is_main:
+                progress.write(f"step {step}/{self.steps}: loss {record['loss']:.4g}, grad_norm "
+                               f"{record['grad_norm']:.4g}, optimizer step {'skipped' if record['step_skipped'] else 'taken'}"
+                               f": {bad_steps} bad step(s) in a row (the run stops at {self.max_bad_steps})")
             if step % self.log_interval == 0 or step == self.steps:
                 record["expert_load"] = summarize_expert_load(self.moe_layers, [all_reduce(load) for load in loads])
                 if is_main:
@@ -195,24 +279,46 @@ class Loop:
                     progress.write(f"step {step}/{self.steps}  {losses_said}  lr {record['lr']:.2e}  grad_norm "
                                    f"{record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
                                    f"{job.console(record)}{step_time:.3f} s/step, "
-                                   f"{100 * data_wait / step_time:.0f}% waiting for data")
+                                   f"{100 * data_wait / step_time:.0f}% waiting for data, "
+                                   f"{engine.skipped_steps} optimizer steps skipped")
             self.run_log.write(record)
             progress.update(1)
             progress.set_postfix(loss=f"{step_losses[0]:.3f}")
-            saved = step % self.save_interval == 0 or step == self.steps
-            if saved:
-                self.checkpoints.save(engine, step, job.client_state())
-            if self.stop.agreed(device):
-                if not saved:
-                    self.checkpoints.save(engine, step, job.client_state())
+            if bad_steps >= self.max_bad_steps > 0:
                 progress.close()
                 self.run_log.close()
-                logger.warning("stopped on %s after step %d with its checkpoint written; exiting %d for a requeue",
-                               self.stop.signal_name or "a signal to another rank", step, EXIT_REQUEUE)
+                raise TrainingDiverged(
+                    f"the run diverged: {bad_steps} steps in a row up to step {step} were skipped or had a "
+                    f"non-finite loss or gradient norm (loss {record['loss']:.4g}, grad_norm "
+                    f"{record['grad_norm']:.4g}); the checkpoints in {self.checkpoints.dir} are from before "
+                    f"(lower the learning rate, or raise --max-bad-steps)")
+            stopping = self.stop.agreed(device)
+            saved = step % self.save_interval == 0 or step == self.steps or stopping
+            if saved and bad_steps:
+                if is_main:
+                    logger.warning("step %d not saved: its update is not trustworthy (%d bad steps in a row)",
+                                   step, bad_steps)
+            elif saved:
+                self.checkpoints.save(engine, step, job.client_state(), job.write_files)
+            if stopping:
+                progress.close()
+                self.run_log.close()
+                logger.warning("stopped on %s after step %d%s; exiting %d for a requeue",
+                               self.stop.signal_name or "a signal to another rank", step,
+                               "" if bad_steps else " with its checkpoint written", EXIT_REQUEUE)
                 sys.exit(EXIT_REQUEUE)
         progress.close()
         self.run_log.close()
         return step_times
+
+    def _exit_waiting(self, step: int, progress):
+        progress.close()
+        self.run_log.close()
+        logger.warning("stopped on %s while waiting for the data of step %d, which no step boundary would "
+                       "have ended: no checkpoint written (the run resumes from its newest complete one); "
+                       "exiting %d for a requeue", self.stop.signal_name, step, EXIT_REQUEUE)
+        end_helper_processes()
+        sys.exit(EXIT_REQUEUE)
 
 
 def run_summary(step_times: list, device, **facts) -> dict:

@@ -9,5 +9,6 @@ from eve_ds.cluster import StopRequest  # noqa: E402
 
 if __name__ == "__main__":
     stop = StopRequest()  # before torch is imported: a signal during start-up is recorded, not fatal
+    from eve_ds.errors import run_job
     from eve_ds.finetune.train import main
-    main(stop=stop)
+    run_job(main, "finetune", stop=stop)

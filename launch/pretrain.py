@@ -1,5 +1,5 @@
 """Entry point: deepspeed [--num_gpus N] launch/pretrain.py --deepspeed_config ds_configs/zero3.json [...]
-(or one srun task per GPU: launch/slurm/pretrain.sbatch)."""
+(or torchrun, or one srun task per GPU: launch/slurm/pretrain.sbatch, or plain python for one process)."""
 import sys
 from pathlib import Path
 
@@ -9,5 +9,6 @@ from eve_ds.cluster import StopRequest  # noqa: E402
 
 if __name__ == "__main__":
     stop = StopRequest()  # before torch is imported: a signal during start-up is recorded, not fatal
+    from eve_ds.errors import run_job
     from eve_ds.pretrain import main
-    main(stop=stop)
+    run_job(main, "pretrain", stop=stop)

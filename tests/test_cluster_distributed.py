@@ -139,6 +139,9 @@ def test_damaged_checkpoint_file_is_named_and_fallen_back_from(uninterrupted, tm
     assert f"{victim}: 4096 bytes, the manifest says" in log and "falling back to an earlier checkpoint" in log
     assert "at step 6" in log
     assert_same_losses(run_dir, uninterrupted[1])
+    # The step-8 save of the resumed run does not delete the complete (damaged) checkpoint it did not write.
+    aside = run_dir / "checkpoints" / f"step_{STEPS:08d}.damaged"
+    assert (aside / victim.name).stat().st_size == 4096 and "kept as step_00000008.damaged" in log
 
 
 def test_sigterm_during_start_up_stops_after_the_first_step(uninterrupted, tmp_path):

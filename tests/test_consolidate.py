@@ -1,4 +1,5 @@
-"""tools/consolidate.py on real checkpoints of short 2-rank pre-training runs, good and damaged."""
+"""tools/consolidate.py on real checkpoints of short 2-rank pre-training runs, good and damaged, and on
+checkpoints written by hand in DeepSpeed's ZeRO-0 layout (no launch)."""
 import json
 import shutil
 from functools import partial
@@ -8,13 +9,15 @@ import torch
 
 from eve_ds.checkpoint import CheckpointError, consolidate, load_pretrained
 from eve_ds.checkpoint import pretrained
-from eve_ds.checkpoint.consolidate import saved_model_config
-from eve_ds.checkpoint.manifest import MANIFEST
+from eve_ds.checkpoint.consolidate import DENSE_STATES, EXPERT_STATES, saved_model_config
+from eve_ds.checkpoint.manifest import LATEST, MANIFEST
+from eve_ds.config import ConfigError, preset
+from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import launch_pretrain, run_tool, small_ds_config
+from tests.test_tokenizer import roberta_style_tokenizer
 
-pytestmark = pytest.mark.distributed
 ZERO3 = {"zero_optimization": {"stage": 3}, "eve": {"expert_parallel_size": 2}}
 
 
@@ -31,6 +34,7 @@ consolidate_cli = partial(run_tool, "consolidate.py")
 reshard_cli = partial(run_tool, "reshard.py")
 
 
+@pytest.mark.distributed
 def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
     result = consolidate_cli(run, tmp_path / "out")
     assert result.returncode == 0, result.stderr
@@ -47,7 +51,7 @@ def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
                for e in range(config.num_experts)]
     assert all(not torch.equal(experts[0], other) for other in experts[1:])
 
-    older = consolidate(run, tag="step_00000001")  # DeepSpeed's warmup gives the first two steps lr 0
+    older = consolidate(run, tag="step_00000001")
     assert older.step == 1
     assert any(not torch.equal(older.state_dict[k], v) for k, v in state_dict.items())
 
@@ -56,6 +60,7 @@ def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
     assert all(tensor.dtype == torch.bfloat16 for tensor in bf16.values())
 
 
+@pytest.mark.distributed
 def test_checkpoints_from_before_the_routing_switch_load_as_router_only(run, tmp_path):
     assert consolidate(run).model_config == saved_model_config(run)
     assert saved_model_config(run).routing_embedding_to_experts  # the default, recorded
@@ -82,9 +87,10 @@ def damaged_copy(run, tmp_path, manifests=False):
     return copy, copy / (copy / "latest").read_text().strip()
 
 
+@pytest.mark.distributed
 def test_checkpoints_that_do_not_verify_against_their_manifest_are_refused(run, tmp_path):
     result = consolidate_cli(run, tmp_path / "good")
-    assert result.returncode == 0 and "note" not in result.stdout  # a complete checkpoint verifies, silently
+    assert result.returncode == 0 and "not verified" not in result.stdout  # a complete checkpoint verifies, silently
     checkpoints, tag_dir = damaged_copy(run, tmp_path, manifests=True)
     victim = next(tag_dir.glob("zero_pp_rank_1_*optim_states.pt"))
     intact = victim.read_bytes()
@@ -106,6 +112,7 @@ def test_checkpoints_that_do_not_verify_against_their_manifest_are_refused(run, 
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.distributed
 def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
     checkpoints, tag_dir = damaged_copy(run, tmp_path)
     result = consolidate_cli(checkpoints, tmp_path / "out")
@@ -139,6 +146,7 @@ def test_damaged_checkpoints_get_one_clear_error_and_no_output(run, tmp_path):
     assert result.returncode == 2 and "'step_99' does not exist" in result.stderr
 
 
+@pytest.mark.distributed
 def test_checkpoint_of_another_model_size_is_refused(run, tmp_path):
     checkpoints, tag_dir = damaged_copy(run, tmp_path)
     states_path = next(p for p in sorted(tag_dir.glob("*model_states.pt")) if not p.name.startswith("layer_"))
@@ -149,6 +157,7 @@ def test_checkpoint_of_another_model_size_is_refused(run, tmp_path):
         consolidate(checkpoints)
 
 
+@pytest.mark.distributed
 def test_loading_into_another_model_reports_keys(run, tmp_path):
     assert consolidate_cli(run, tmp_path / "out").returncode == 0
     description = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -159,6 +168,7 @@ def test_loading_into_another_model_reports_keys(run, tmp_path):
         EVE.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.distributed
 def test_truncated_weights_file_is_refused_by_name(run, tmp_path):
     assert consolidate_cli(run, tmp_path / "out").returncode == 0
     weights = tmp_path / "out" / "model.safetensors"
@@ -167,6 +177,7 @@ def test_truncated_weights_file_is_refused_by_name(run, tmp_path):
         EVE.from_pretrained(tmp_path / "out")
 
 
+@pytest.mark.distributed
 def test_interrupted_write_leaves_no_partial_file(run, tmp_path, monkeypatch):
     checkpoint = consolidate(run)
 
@@ -179,3 +190,63 @@ def test_interrupted_write_leaves_no_partial_file(run, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         pretrained.save_pretrained(tmp_path / "out", checkpoint.state_dict, checkpoint.model_config)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def write_stage0_checkpoint(checkpoints, config, step: int = 1, tokenizer: TextTokenizer = None):
+    """A checkpoint in DeepSpeed's ZeRO-0 layout, written by hand (random weights, no manifest, as before manifests
+    existed): the dense weights, one file per (MoE layer, expert), and ``latest``; with ``tokenizer``, its files as
+    the pre-training loop saves them. Returns the tag folder."""
+    tag_dir = checkpoints / f"step_{step:08d}"
+    tag_dir.mkdir(parents=True)
+    weights = MaskedSignalModeling(config).state_dict()
+    for layer, block in enumerate(config.moe_layers):
+        for expert in range(config.num_experts):
+            prefix = f"encoder.blocks.{block}.ffn.deepspeed_moe.experts.deepspeed_experts.{expert}."
+            torch.save({name: weights.pop(name) for name in list(weights) if name.startswith(prefix)},
+                       tag_dir / EXPERT_STATES.format(layer=layer, expert=expert))
+    torch.save({"module": weights, "model_config": config.to_dict(), "step": step}, tag_dir / DENSE_STATES)
+    if tokenizer is not None:
+        tokenizer.save(tag_dir)
+    (checkpoints / LATEST).write_text(tag_dir.name)
+    return tag_dir
+
+
+def test_consolidation_carries_the_runs_tokenizer_and_notes_its_absence(tmp_path):
+    tokenizer = TextTokenizer(roberta_style_tokenizer(tmp_path / "foreign.json", with_mask=False), 40, {"mask": "c"})
+    config = preset("eve-tiny").replace(vocab_size=tokenizer.vocab_size)
+    tag_dir = write_stage0_checkpoint(tmp_path / "checkpoints", config, tokenizer=tokenizer)
+    result = consolidate_cli(tmp_path / "checkpoints", tmp_path / "out")
+    assert result.returncode == 0, result.stderr
+    for name in (TOKENIZER_FILE, SPECIAL_TOKENS_FILE):
+        assert (tmp_path / "out" / name).read_bytes() == (tag_dir / name).read_bytes()
+    assert TextTokenizer.from_folder(tmp_path / "out", 40).mask_id == 8 and "tokenizer" not in result.stdout
+
+    for name in (TOKENIZER_FILE, SPECIAL_TOKENS_FILE):
+        (tag_dir / name).unlink()
+    result = consolidate_cli(tmp_path / "checkpoints", tmp_path / "bare")
+    assert result.returncode == 0, result.stderr
+    assert f"note: {tag_dir} holds no tokenizer.json: give fine-tuning the tokenizer the run trained with " \
+           "(--tokenizer)" in result.stdout
+    assert not (tmp_path / "bare" / TOKENIZER_FILE).exists()
+
+    TextTokenizer(roberta_style_tokenizer(tmp_path / "other.json"), 40).save(tag_dir)  # 10 tokens, the table has 9
+    with pytest.raises(ConfigError, match="has 10 tokens but the token table of .* has 9 rows"):
+        consolidate(tmp_path / "checkpoints")
+
+
+@pytest.mark.parametrize("tool", ["consolidate.py", "reshard.py"])
+def test_an_empty_latest_file_or_a_missing_folder_is_one_sentence(tool, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    write_stage0_checkpoint(checkpoints, preset("eve-tiny").replace(vocab_size=20), step=2)
+    (checkpoints / "step_00000001").mkdir()  # an empty folder is no checkpoint
+    (checkpoints / LATEST).write_text("\n")
+    result = run_tool(tool, checkpoints, tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{checkpoints / LATEST} is empty, so it names no checkpoint; pass --tag with one of step_00000002\n" \
+        in result.stderr
+    result = run_tool(tool, tmp_path / "absent", tmp_path / "out")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{tmp_path / 'absent'}: no such checkpoints folder" in result.stderr
+    result = run_tool(tool, checkpoints, tmp_path / "out", "--tag", "step_7")
+    assert result.returncode == 2 and "'step_7' does not exist; pass --tag with one of step_00000002" in result.stderr
+    assert not (tmp_path / "out").exists()

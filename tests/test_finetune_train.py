@@ -6,11 +6,15 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from eve_ds.config import PRESETS, ConfigError
+from eve_ds.config import PRESETS, ConfigError, preset
 from eve_ds.data import TextTokenizer
+from eve_ds.errors import UsageError
 from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
-from eve_ds.finetune.train import epoch_batches, fine_tuning_deepspeed_config, paper_layout, parse_args, preset_name
-from tests.conftest import SHAPES
+from eve_ds.finetune.train import (epoch_batches, fine_tuning_deepspeed_config, open_tokenizer, paper_layout,
+                                   parse_args, preset_name)
+from tests.conftest import SHAPES, run_tool
+from tests.test_consolidate import write_stage0_checkpoint
+from tests.test_tokenizer import roberta_style_tokenizer
 
 
 def take(batches, count):
@@ -60,3 +64,44 @@ def test_a_config_whose_fixed_micro_batch_misses_the_global_batch_is_refused(tmp
         fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 128)
     ds_config, _ = fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 32)
     assert ds_config["train_batch_size"] == 32
+
+
+def test_fine_tuning_takes_the_tokenizer_and_its_roles_from_the_consolidated_weights(tmp_path):
+    """A run pre-trained with a tokenizer of its own: its checkpoint holds the tokenizer, consolidation carries it
+    on, and fine-tuning with README's command (no --tokenizer) encodes with it and its roles."""
+    foreign = TextTokenizer(roberta_style_tokenizer(tmp_path / "foreign.json", with_mask=False), 40, {"mask": "c"})
+    write_stage0_checkpoint(tmp_path / "checkpoints", preset("eve-tiny").replace(vocab_size=foreign.vocab_size),
+                            tokenizer=foreign)
+    assert run_tool("consolidate.py", tmp_path / "checkpoints", tmp_path / "consolidated").returncode == 0
+    pretrained = ["--task", "vqa", "--pretrained", str(tmp_path / "consolidated")]
+    chosen = open_tokenizer(parse_args(pretrained), 40)
+    assert chosen.path == tmp_path / "consolidated" / "tokenizer.json" and chosen.vocab_size == 9
+    assert (chosen.cls_id, chosen.sep_id, chosen.pad_id, chosen.mask_id, chosen.unk_id) == (5, 7, 3, 8, 2)
+    assert open_tokenizer(parse_args([*pretrained, "--special-token", "mask=b"]), 40).mask_id == 6  # over the saved
+    explicit = open_tokenizer(parse_args([*pretrained, "--tokenizer", str(SHAPES / "tokenizer.json")]), 40)
+    assert explicit.path == SHAPES / "tokenizer.json" and explicit.mask_id == 4  # --tokenizer wins, with its own roles
+    assert open_tokenizer(parse_args(["--task", "vqa", "--pretrained", str(tmp_path)]), 40).path == \
+        SHAPES / "tokenizer.json"  # weights without a tokenizer: the shipped one
+
+
+@pytest.mark.parametrize("option, value, wanted", [
+    ("--epochs", "0", "an integer above 0"), ("--lr", "0", "a number above 0"),
+    ("--batch-size", "0", "an integer above 0"), ("--lr-multiplier", "0", "a number above 0"), ("--save-interval", "0", "an integer above 0"),
+    ("--log-interval", "0", "an integer above 0"), ("--keep-checkpoints", "-1", "an integer of at least 0"),
+    ("--eval-batch-size", "0", "an integer above 0"), ("--k-test", "0", "an integer above 0"),
+    ("--image-size", "0", "an integer above 0"), ("--num-workers", "-1", "an integer of at least 0"),
+    ("--aux-weight", "-0.5", "a number of at least 0"), ("--lr", "nan", "a number above 0"),
+    ("--epochs", "-3", "an integer above 0")])
+def test_options_that_cannot_work_are_refused_in_one_sentence(option, value, wanted):
+    with pytest.raises(UsageError, match=rf"^argument {option}: wants {wanted}, got '{value}'$"):
+        parse_args(["--task", "vqa", "--pretrained", "unused", option, value])
+
+
+def test_zero_is_a_value_where_it_means_something():
+    args = parse_args(["--task", "vqa", "--pretrained", "unused", "--keep-checkpoints", "0", "--num-workers", "0",
+                       "--aux-weight", "0"])
+    assert (args.keep_checkpoints, args.num_workers, args.aux_weight) == (0, 0, 0.0)
+    with pytest.raises(UsageError, match="--special-token: wants ROLE=TOKEN, got 'mask'"):
+        parse_args(["--task", "vqa", "--pretrained", "unused", "--special-token", "mask"])
+    with pytest.raises(UsageError, match="--special-token: unknown role 'bos'; the roles are cls, sep, pad, mask, unk"):
+        parse_args(["--task", "vqa", "--pretrained", "unused", "--special-token", "bos=<s>"])

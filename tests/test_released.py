@@ -1,5 +1,6 @@
 """The authors' released checkpoint layout: key names, a forward pass written against those names, the
 export -> import round trip, and files that do not fit."""
+import json
 from functools import partial
 
 import pytest
@@ -9,11 +10,13 @@ import torch.nn.functional as F
 from eve_ds.checkpoint import load_pretrained, save_pretrained
 from eve_ds.checkpoint.released import backbone, from_released, import_released, to_released
 from eve_ds.config import preset
+from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
 from eve_ds.model import EVE
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import run_tool
 from tests.released_reference import encode_every_mode
 from tests.test_model import batch
+from tests.test_tokenizer import roberta_style_tokenizer
 
 CONFIG = preset("eve-tiny").replace(vocab_size=300)
 
@@ -185,3 +188,26 @@ def test_files_that_do_not_fit_get_one_clear_error(consolidated, tmp_path):
     result = convert_cli("export", tmp_path, tmp_path / "x.pth")
     assert result.returncode == 2 and "model.safetensors does not exist" in result.stderr
     assert not (tmp_path / "x.pth").exists() and not (tmp_path / "out").exists()
+
+
+def test_import_writes_the_tokenizer_and_its_roles_into_the_folder(consolidated, tmp_path):
+    authors_style_file(consolidated, tmp_path / "authors.pth")
+    tokenizer = roberta_style_tokenizer(tmp_path / "bpe.json", with_mask=False, extra_words=CONFIG.vocab_size - 9)
+    result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "out", "--model", "eve-tiny",
+                         "--tokenizer", tokenizer, "--special-token", "mask=c")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / TOKENIZER_FILE).read_bytes() == tokenizer.read_bytes()
+    assert json.loads((tmp_path / "out" / SPECIAL_TOKENS_FILE).read_text())["mask"] == "c"
+    assert TextTokenizer.from_folder(tmp_path / "out", 40).mask_id == 8
+
+    result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "bare", "--model", "eve-tiny")
+    assert result.returncode == 0 and "no --tokenizer" in result.stdout
+    assert not (tmp_path / "bare" / TOKENIZER_FILE).exists()
+    small = roberta_style_tokenizer(tmp_path / "small.json")
+    result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "refused", "--model", "eve-tiny",
+                         "--tokenizer", small)
+    assert result.returncode == 2 and "has 10 tokens but the token table of" in result.stderr
+    result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "refused", "--model", "eve-tiny",
+                         "--tokenizer", tokenizer, "--special-token", "mask")
+    assert result.returncode == 2 and "--special-token: wants ROLE=TOKEN, got 'mask'" in result.stderr
+    assert not (tmp_path / "refused").exists()

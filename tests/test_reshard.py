@@ -3,10 +3,13 @@
 import pytest
 import torch
 
-from eve_ds.checkpoint.universal import load_universal
-from tests.conftest import launch_pretrain, run_tool, small_ds_config
-
-pytestmark = pytest.mark.distributed
+from eve_ds.checkpoint import consolidate
+from eve_ds.checkpoint.consolidate import MOMENTS
+from eve_ds.checkpoint.universal import load_universal, save_universal
+from eve_ds.config import preset
+from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
+from tests.conftest import SHAPES, launch_pretrain, run_tool, small_ds_config
+from tests.test_consolidate import write_stage0_checkpoint
 ZERO3_EP2 = small_ds_config(zero_optimization={"stage": 3}, eve={"expert_parallel_size": 2})
 ZERO2_EP1 = small_ds_config(eve={"expert_parallel_size": 1})
 
@@ -17,6 +20,7 @@ def reshard(*args):
     return result
 
 
+@pytest.mark.distributed
 def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
     steps, interrupted_at = 5, 3
     original, _ = launch_pretrain(tmp_path, tmp_path / "original", ZERO3_EP2, "--steps", steps, "--save-interval",
@@ -50,6 +54,7 @@ def test_resharded_checkpoint_resumes_at_another_shape(tmp_path):
     assert [r["step"] for r in back] == [5] and back[0]["loss"] == pytest.approx(single[-1]["loss"], rel=0.2)
 
 
+@pytest.mark.distributed
 def test_bf16_run_resumes_from_its_fp32_master_weights(tmp_path):
     """A bf16 run trains fp32 master weights of which the model's weights are a rounding. Resumed from a universal
     checkpoint, it goes on from those masters, not from their bf16 rounding: the step after the resume writes the
@@ -72,3 +77,20 @@ def test_reshard_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     result = run_tool("reshard.py", tmp_path, tmp_path / "o")
     assert result.returncode == 2 and "not a DeepSpeed checkpoint" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_the_universal_folder_carries_the_runs_tokenizer(tmp_path):
+    tokenizer = TextTokenizer(SHAPES / TOKENIZER_FILE, 40, {"unk": "[MASK]", "mask": "[UNK]"})  # roles of its own
+    config = preset("eve-tiny").replace(vocab_size=tokenizer.vocab_size)
+    tag_dir = write_stage0_checkpoint(tmp_path / "checkpoints", config, step=3, tokenizer=tokenizer)
+    checkpoint = consolidate(tmp_path / "checkpoints")
+    # ZeRO-0 keeps no AdamW moments; stand-ins let the universal folder be written from this checkpoint.
+    checkpoint.moments = {key: {name: torch.zeros_like(tensor) for name, tensor in checkpoint.state_dict.items()}
+                          for key in MOMENTS}
+    checkpoint.optimizer_steps, checkpoint.lr_scheduler = 3, {"last_batch_iteration": 3}
+    save_universal(tmp_path / "universal", checkpoint)
+    assert load_universal(tmp_path / "universal").step == 3
+    for name in (TOKENIZER_FILE, SPECIAL_TOKENS_FILE):
+        assert (tmp_path / "universal" / name).read_bytes() == (tag_dir / name).read_bytes()
+    reopened = TextTokenizer.from_folder(tmp_path / "universal", 40)
+    assert (reopened.mask_id, reopened.unk_id) == (1, 4)

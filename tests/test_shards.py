@@ -1,7 +1,9 @@
-"""Tar shards: written from a manifest (tools/make_shards.py), read back, damaged, and the tokenizer trained
-over them (tools/train_tokenizer.py)."""
+"""Tar shards: written from a manifest (tools/make_shards.py), read back, damaged, counted where no index counts
+them (at start-up, or by tools/index_shards.py), and the tokenizer trained over them (tools/train_tokenizer.py)."""
 import io
 import json
+import logging
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -9,7 +11,9 @@ from collections import Counter
 import pytest
 from tokenizers import Tokenizer
 
-from eve_ds.data.shards import captions_of, expand_pattern, image_of, iter_shard, read_index
+from eve_ds.data import DataError, ManifestError, open_source
+from eve_ds.data import shards as shards_module
+from eve_ds.data.shards import captions_of, expand_pattern, image_of, iter_shard, read_index, write_index
 from tests.conftest import SHAPES, run_tool
 
 
@@ -18,9 +22,9 @@ def test_shard_patterns_expand_like_the_shells_braces(tmp_path):
         ["cc3m/00008.tar", "cc3m/00009.tar", "cc3m/00010.tar", "cc3m/00011.tar"]
     assert [str(p) for p in expand_pattern("{coco,vg}/{0..1}.tar")] == ["coco/0.tar", "coco/1.tar", "vg/0.tar",
                                                                        "vg/1.tar"]
-    for name in ("b.tar", "a.tar", "notes.txt"):
+    for name in ("b.tar", "a.tar", "c.tar.gz", "d.tgz", "notes.txt", ".e.tar.partial"):
         (tmp_path / name).touch()
-    assert expand_pattern(tmp_path) == [tmp_path / "a.tar", tmp_path / "b.tar"]
+    assert expand_pattern(tmp_path) == [tmp_path / name for name in ("a.tar", "b.tar", "c.tar.gz", "d.tgz")]
     with pytest.raises(ValueError, match="runs backwards"):
         expand_pattern("x/{9..1}.tar")
 
@@ -109,24 +113,143 @@ def test_tokenizer_trains_over_shards(manifest, tmp_path):
     assert missing.returncode != 0 and "00003.tar" in missing.stderr
 
 
-def test_index_shards_counts_foreign_shards_and_pretraining_then_reads_them(tmp_path):
-    from eve_ds.data import DataError, open_source
+def test_damaged_shards_count_every_sample_their_index_promises(tmp_path):
+    """With the count from the index, each sample of the range asked for that a shard does not deliver counts 1."""
+    image = (SHAPES / "images/000000.png").read_bytes()
+    good = shard_bytes({f"{key}.{extension}": payload for key in "abcde"
+                        for extension, payload in (("png", image), ("txt", key.encode()))})
+    with tarfile.open(fileobj=io.BytesIO(good)) as archive:
+        inside_b, header_of_c = archive.getmember("b.png").offset_data + 100, archive.getmember("c.png").offset
+    (tmp_path / "truncated.tar").write_bytes(good[:inside_b])
+    (tmp_path / "empty.tar").write_bytes(b"")
+    (tmp_path / "garbage.tar").write_bytes(bytes(range(256)) * 40)
+    for name, header in (("zeroed.tar", bytes(512)), ("garbled.tar", b"not a tar header" * 32)):
+        (tmp_path / name).write_bytes(good[:header_of_c] + header + good[header_of_c + 512:])
 
-    folder = tmp_path / "foreign"
-    folder.mkdir()
-    for number, lines in enumerate(([0, 1, 2], [3, 4])):
-        with tarfile.open(folder / f"{number:05d}.tar", "w") as archive:
-            for line in lines:
-                entry = json.loads((SHAPES / "manifest.jsonl").read_text().splitlines()[line])
-                for name, payload in ((f"{line:04d}.png", (SHAPES / entry["image"]).read_bytes()),
-                                      (f"{line:04d}.txt", entry["caption"].encode())):
+    def read(name, skip=0, stop=5):
+        problems = Counter()
+        return [key for key, _ in iter_shard(tmp_path / name, problems, skip, stop)], dict(problems)
+
+    assert read("truncated.tar") == (["a"], {"truncated shard": 4})
+    for name in ("empty.tar", "garbage.tar", "absent.tar"):
+        assert read(name) == ([], {"unreadable shard": 5})
+        assert read(name, skip=3) == ([], {"unreadable shard": 2})
+    for name in ("zeroed.tar", "garbled.tar"):  # tarfile's streaming reader takes the header for the end
+        assert read(name) == (["a", "b"], {"truncated shard": 3})
+        assert read(name, skip=1, stop=4) == (["b"], {"truncated shard": 2})
+        assert read(name, skip=3) == ([], {"truncated shard": 2})
+        assert read(name, stop=2) == (["a", "b"], {})  # the damage lies past the range
+    assert read("zeroed.tar", stop=None) == (["a", "b"], {})  # without a count the loss cannot be seen
+
+
+def foreign_shards(folder, sizes, suffix=".tar", mode="w", first=0) -> list:
+    """Shards as others write them (shipped pairs, png and txt, no json), without an index."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = iter((SHAPES / "manifest.jsonl").read_text().splitlines()[first:])
+    paths = []
+    for number, size in enumerate(sizes):
+        paths.append(folder / f"{number:05d}{suffix}")
+        with tarfile.open(paths[-1], mode) as archive:
+            for _ in range(size):
+                entry = json.loads(next(lines))
+                key = f"{number:05d}{archive.offset:08d}"
+                for name, payload in ((f"{key}.png", (SHAPES / entry["image"]).read_bytes()),
+                                      (f"{key}.txt", entry["caption"].encode())):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     archive.addfile(info, io.BytesIO(payload))
-    pattern = str(folder / "{00000..00001}.tar")
-    with pytest.raises(DataError, match="tools/index_shards.py"):
-        open_source(pattern)
-    result = run_tool("index_shards.py", pattern, "--workers", 1)
+    return paths
+
+
+def counting_lines(caplog) -> list:
+    return [record.getMessage() for record in caplog.records if record.getMessage().startswith("counting")]
+
+
+def test_shards_without_an_index_are_counted_at_start_up_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="eve_ds.data.shards")
+    folder = tmp_path / "foreign"
+    foreign_shards(folder, [3, 2, 4])
+    write_index(folder, {"00000.tar": 3})  # an index that counts some of them
+    pattern = str(folder / "{00000..00002}.tar")
+    source = open_source(pattern)
+    assert source.counts == (3, 2, 4)
+    assert counting_lines(caplog) == [f"counting 2 shards of {pattern} without an index",
+                                      f"counting 2 shards of {pattern} without an index: 2/2"]
+    assert read_index(folder) == {"00000.tar": 3, "00001.tar": 2, "00002.tar": 4}
+    caplog.clear()
+    assert open_source(pattern).counts == (3, 2, 4) and counting_lines(caplog) == []  # read, not counted again
+
+    (folder / "index.json").unlink()
+    result = run_tool("index_shards.py", pattern, "--workers", 1)  # the same counting, ahead of time
     assert result.returncode == 0, result.stderr
-    assert read_index(folder) == {"00000.tar": 3, "00001.tar": 2}
-    assert open_source(pattern).total == 5
+    assert "3 shards, 9 samples (3 counted now)" in result.stdout
+    assert read_index(folder) == {"00000.tar": 3, "00001.tar": 2, "00002.tar": 4}
+
+
+def test_an_index_is_read_once_per_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "shards"
+    foreign_shards(folder, [1, 1, 1, 1])
+    write_index(folder, {f"0000{number}.tar": 1 for number in range(4)})
+    parsed = []
+    loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda text, **kwargs: parsed.append(1) or loads(text, **kwargs))
+    assert open_source(folder / "{00000..00003}.tar").total == 4
+    assert len(parsed) == 1
+
+
+def test_counts_of_read_only_shard_folders_are_cached_in_the_run_folder(tmp_path, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="eve_ds.data.shards")
+
+    def read_only(folder, counts):
+        raise PermissionError(f"{folder}: read-only file system")
+
+    monkeypatch.setattr(shards_module, "write_index", read_only)
+    foreign_shards(tmp_path / "a", [3, 2])
+    foreign_shards(tmp_path / "b", [1, 4], first=10)  # the same shard names, other counts
+    run = tmp_path / "run"
+    assert open_source(tmp_path / "a", index_cache=run).counts == (3, 2)
+    assert open_source(tmp_path / "b", index_cache=run).counts == (1, 4)
+    cached = sorted(run.glob("index-*.json"))
+    assert len(cached) == 2 and not (tmp_path / "a" / "index.json").exists()
+    assert sorted(json.loads(path.read_text())["samples"] for path in cached) == [5, 5]
+    caplog.clear()
+    assert open_source(tmp_path / "a", index_cache=run).counts == (3, 2)  # the cache read at a later start
+    assert open_source(tmp_path / "b", index_cache=run).counts == (1, 4)
+    assert counting_lines(caplog) == []
+    assert open_source(tmp_path / "a").counts == (3, 2)  # no cache given: counted again, not recorded
+    assert counting_lines(caplog) == [f"counting 2 shards of {tmp_path / 'a'} without an index",
+                                      f"counting 2 shards of {tmp_path / 'a'} without an index: 2/2"]
+
+
+def test_gzipped_shards_are_found_counted_and_read(tmp_path):
+    folder = tmp_path / "gz"
+    shards = foreign_shards(folder, [3, 2], ".tar.gz", "w:gz") + foreign_shards(folder / "tgz", [4], ".tgz", "w:gz")
+    source = open_source(folder)
+    assert [path.name for path in source.units] == ["00000.tar.gz", "00001.tar.gz"] and source.counts == (3, 2)
+    assert open_source(f"{folder}/{{00000,00001}}.tar.gz").counts == (3, 2)
+    assert open_source(folder / "tgz").counts == (4, )
+    assert read_index(folder) == {"00000.tar.gz": 3, "00001.tar.gz": 2}
+    problems = Counter()
+    assert len([files["png"] for _, files in iter_shard(shards[0], problems, stop=3)]) == 3 and not problems
+    data = shards[2].read_bytes()
+    shards[2].write_bytes(data[:len(data) // 2])  # a gzip stream cut in the middle
+    samples = list(iter_shard(shards[2], problems, stop=4))
+    assert 0 < len(samples) < 4 and problems == {"truncated shard": 4 - len(samples)}
+
+
+def test_missing_data_sources_are_named_in_one_sentence(tmp_path):
+    foreign_shards(tmp_path / "set", [1, 1])
+    (tmp_path / "empty").mkdir()
+    cases = {tmp_path / "absent": f"data source {tmp_path / 'absent'} does not exist",
+             tmp_path / "absent.tar": f"data source {tmp_path / 'absent.tar'} does not exist",
+             tmp_path / "set" / "{00005..00009}.tar": "does not exist",
+             tmp_path / "set" / "{00000..00003}.tar": f"2 of its 4 shards are missing, the first "
+                                                      f"{tmp_path}/set/00002.tar",
+             tmp_path / "empty": "holds no shard"}
+    for spec, message in cases.items():
+        with pytest.raises(DataError, match=re.escape(message)):
+            open_source(spec)
+    with pytest.raises(DataError, match="runs backwards"):
+        open_source(tmp_path / "set" / "{3..1}.tar")
+    with pytest.raises(ManifestError, match="does not exist"):
+        open_source(tmp_path / "absent.jsonl")

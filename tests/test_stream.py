@@ -1,18 +1,22 @@
 """The pre-training stream over shards and manifests: disjoint complete coverage by ranks and workers, exact
-resume, resume at another number of readers, mixing weights, bad samples counted, validation batches."""
+resume, resume at another number of readers, mixing weights, bad samples counted, no readable data, validation
+batches."""
 import io
 import json
+import signal
 import tarfile
 from collections import Counter
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
+from eve_ds.data import MaskedSamples, NoReadableData, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.shards import add_sample, write_index
 from eve_ds.data.stream import validation_batches
+from eve_ds.errors import first_sentence
 from eve_ds.objectives import MaskingConfig
 from tests.conftest import SHAPES
 
@@ -132,7 +136,7 @@ def put(archive, key: str, files: dict):
 
 def bad_shards(folder) -> str:
     """Shard 0: 4 good samples, 5 in modes that are converted, and one of each kind of bad sample; shard 1: 2 good
-    samples, then cut off in the middle of a third; shard 2: counted in the index but absent."""
+    samples, then cut off in the middle of a third; shard 2: not a tar file, of 5 samples in the index."""
     good = [(image.read_bytes(), caption.encode()) for image, caption in shipped_pairs(4)]
     folder.mkdir()
     with tarfile.open(folder / "00000.tar", "w") as archive:
@@ -159,29 +163,92 @@ def bad_shards(folder) -> str:
         last = archive.getmember("more3.png")
     data = (folder / "00001.tar").read_bytes()
     (folder / "00001.tar").write_bytes(data[:last.offset_data + last.size // 2])
+    (folder / "00002.tar").write_bytes(b"<html>404 Not Found</html>" * 100)
     write_index(folder, {"00000.tar": 16, "00001.tar": 3, "00002.tar": 5})
     return f"{folder}/{{00000..00002}}.tar"
+
+
+def whole_epochs(source, samples, batches: int) -> tuple:
+    """One reader's skip counts per epoch and the keys it read, up to the first epoch that ends on a good sample
+    (then every position of the epochs read is counted)."""
+    stream = PretrainingStream([source], [1.0], samples, 1, 0, 1, 0, seed=0, block=64)
+    position, iterator, problems, keys = StreamPosition(stream), iter(stream), Counter(), []
+    for _ in range(batches):
+        batch = next(iterator)
+        assert batch["images"].shape == (1, 3, 32, 32)
+        keys += batch["keys"]
+        problems.update(position.consume(batch))
+        (epoch, _, _, consumed), = position.states[0]["sources"][0]["pending"]
+        if consumed == source.total:
+            return {reason: count / (epoch + 1) for reason, count in problems.items() if count}, keys
+    pytest.fail("no epoch ended on a good sample")
 
 
 def test_bad_samples_are_skipped_and_counted_per_reason(tmp_path, samples, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 96 * 96)  # the shipped images pass, 256 x 256 is an error
     source = open_source(bad_shards(tmp_path / "bad"))
-    stream = PretrainingStream([source], [1.0], samples, 1, 0, 1, 0, seed=0, block=64)
-    position = StreamPosition(stream)
-    batches, problems = iter(stream), Counter()
-    for _ in range(40 * 11):  # 11 good samples in each epoch of 24 positions
-        batch = next(batches)
-        assert batch["images"].shape == (1, 3, 32, 32)
-        problems.update(position.consume(batch))
-        (epoch, _, _, consumed), = position.states[0]["sources"][0]["pending"]
-        if consumed == source.total:  # the epoch's last position was a good sample: every position is counted
-            break
-    else:
-        pytest.fail("no epoch ended on a good sample")
-    epochs = epoch + 1
-    assert {reason: count / epochs for reason, count in problems.items() if count} == {
-        "unreadable image": 2, "image too large": 1, "missing caption": 1, "empty caption": 1,
-        "non-UTF-8 caption": 1, "missing image": 1, "truncated shard": 1, "unreadable shard": 1}
+    per_epoch, _ = whole_epochs(source, samples, 40 * 11)  # 11 good samples in each epoch of 24 positions
+    assert per_epoch == {"unreadable image": 2, "image too large": 1, "missing caption": 1, "empty caption": 1,
+                         "non-UTF-8 caption": 1, "missing image": 1, "truncated shard": 1, "unreadable shard": 5}
+
+
+def test_a_bad_header_in_a_shard_loses_the_samples_after_it_counted(tmp_path, samples):
+    """tarfile's streaming reader takes a damaged header for the end of the archive: the samples that the index
+    promises beyond it are counted as lost, one each."""
+    pattern = write_shards(tmp_path / "shards", shipped_pairs(128), [64, 64])
+    shard = tmp_path / "shards" / "00001.tar"
+    with tarfile.open(shard) as archive:
+        header = archive.getmember("00100032.png").offset  # the 33rd sample's first file
+    data = shard.read_bytes()
+    shard.write_bytes(data[:header] + bytes(512) + data[header + 512:])
+    per_epoch, keys = whole_epochs(open_source(pattern), samples, 96 * 10)
+    assert per_epoch == {"truncated shard": 32}
+    assert len({key for key in keys if key.split(":")[1] == "0"}) == 96
+    assert not any(key.split(":")[2] >= "00100032" for key in keys)
+
+
+@contextmanager
+def within(seconds: int):
+    """Fails a test that would otherwise run for ever."""
+    def stop(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_loader_without_a_readable_sample_stops_with_one_sentence(tmp_path, samples):
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    for number in range(4):
+        (folder / f"{number}.tar").write_bytes(bytes(range(256)) * 8)
+    write_index(folder, {f"{number}.tar": 128 for number in range(4)})
+    source = open_source(f"{folder}/{{0..3}}.tar")
+    expected = (f"no readable sample in a pass over {folder}/{{0..3}}.tar (512 positions: unreadable shard 512): "
+                f"check the data")
+    stream = PretrainingStream([source], [1.0], samples, MICRO_BATCH, 0, 1, 1, seed=0)
+    with within(60), pytest.raises(NoReadableData) as error:  # from a loader worker, re-raised by the DataLoader
+        next(iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1)))
+    assert first_sentence(error.value) == expected
+
+    pattern = write_shards(tmp_path / "deleted", shipped_pairs(16), [8, 8])
+    good = open_source(pattern)
+    stream = PretrainingStream([good, good], [1.0, 1.0], samples, MICRO_BATCH, 0, 1, 0, seed=0, block=16)
+    batches = iter(stream)
+    assert len(next(batches)["keys"]) == MICRO_BATCH
+    for shard in good.units:
+        shard.unlink()  # deleted during the run: the rest of the epochs' blocks in memory are still read
+    taken = 0
+    with within(60), pytest.raises(NoReadableData, match=r"\(32 positions: unreadable shard 32\)"):
+        while True:
+            next(batches)
+            taken += 1
+    assert taken == (2 * 16 - MICRO_BATCH) // MICRO_BATCH
 
 
 def test_manifests_stream_like_shards(samples):
@@ -211,6 +278,21 @@ def test_validation_batches_are_the_same_on_any_world_size(shard_set, samples):
     one = real_samples(1)
     assert len(one) == 100
     assert one == real_samples(3)
+
+
+def test_validation_over_unreadable_shards_is_padding_and_every_position_counted(tmp_path, samples):
+    folder = tmp_path / "garbage"
+    folder.mkdir()
+    for number in range(2):
+        (folder / f"{number}.tar").write_bytes(bytes(range(256)) * 8)
+    write_index(folder, {"0.tar": 8, "1.tar": 8})
+    source = open_source(folder)
+    problems, batches = Counter(), []
+    with within(60):
+        for rank in range(2):
+            batches += validation_batches(source, samples, rank, 2, MICRO_BATCH, 3, problems)
+    assert len(batches) == 4 and not any(batch["image_mask"].any() for batch in batches)
+    assert problems == {"unreadable shard": 16}
 
 
 def test_resume_at_another_number_of_readers_when_readers_are_in_different_epochs(tmp_path, samples):

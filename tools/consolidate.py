@@ -1,5 +1,6 @@
 """Consolidate an eve-ds DeepSpeed checkpoint (any ZeRO stage, data- and expert-parallel size) into one
-folder of weights for fine-tuning: model.safetensors + config.json.
+folder of weights for fine-tuning: model.safetensors + config.json, and the run's tokenizer (tokenizer.json,
+special_tokens.json) where the checkpoint holds it.
 
     python tools/consolidate.py runs/eve-tiny/checkpoints runs/eve-tiny/consolidated [--tag step_00000200]
 
@@ -17,27 +18,25 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.checkpoint import CheckpointError, consolidate, save_pretrained  # noqa: E402
+from eve_ds.checkpoint import consolidate, save_pretrained  # noqa: E402
+from eve_ds.errors import run_entry_point  # noqa: E402
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint_dir", help="the run's checkpoints/ folder, or one checkpoint's folder")
-    parser.add_argument("out", help="output folder (model.safetensors, config.json)")
+    parser.add_argument("out", help="output folder (model.safetensors, config.json, the tokenizer)")
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    try:
-        checkpoint = consolidate(args.checkpoint_dir, args.tag)
-    except CheckpointError as error:
-        parser.exit(2, f"consolidate: {error}\n")
+    checkpoint = consolidate(args.checkpoint_dir, args.tag)
     for note in checkpoint.notes:
         print(f"note: {note}")
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     save_pretrained(args.out, checkpoint.state_dict, checkpoint.model_config, dtype,
                     source={"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage,
-                            "step": checkpoint.step})
+                            "step": checkpoint.step}, tokenizer=checkpoint.tokenizer)
     count = sum(t.numel() for t in checkpoint.state_dict.values())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"consolidated {checkpoint.source} (ZeRO-{checkpoint.zero_stage}, step {checkpoint.step}): "
@@ -46,4 +45,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "consolidate")

@@ -8,14 +8,15 @@ write the results file the official evaluation server takes.
 
 Run it with as many ranks as the run's expert-parallel size needs (its DeepSpeed config, the task's file of
 ds_configs/ by default). The split is given by the same options as in training (``--val-*``, ``--nlvr2-val*``,
-``--karpathy`` with ``--eval-split val|test``).
+``--karpathy`` with ``--eval-split val|test``); the tokenizer is the run's, from ``--pretrained`` (or ``--tokenizer``).
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from eve_ds.errors import run_job  # noqa: E402
 from eve_ds.finetune.train import evaluate_run  # noqa: E402
 
 if __name__ == "__main__":
-    evaluate_run()
+    run_job(evaluate_run, "evaluate")

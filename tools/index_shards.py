@@ -3,26 +3,20 @@ that pre-training reads beside them.
 
     python tools/index_shards.py 'cc3m/{00000..00331}.tar' --workers 8
 
-Shards already counted in the index are left as they are, so an interrupted run resumes. A shard that cannot be
-read, or ends in the middle, is counted with the samples it holds and reported.
+Pre-training counts shards without an index itself at start-up; this does it ahead of time, with as many
+workers as asked. Shards already counted in the index are left as they are, so an interrupted run resumes. A
+shard that cannot be read, or ends in the middle, is counted with the samples it holds and reported.
 """
 import argparse
+import logging
 import os
 import sys
 from collections import Counter, defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.data.shards import expand_pattern, iter_shard, read_index, write_index  # noqa: E402
-
-
-def count_samples(shard: Path) -> tuple:
-    problems = Counter()
-    return sum(1 for _ in iter_shard(shard, problems)), problems
+from eve_ds.data.shards import count_shards, expand_pattern, read_index, write_index  # noqa: E402
 
 
 def main(argv=None):
@@ -30,6 +24,7 @@ def main(argv=None):
     parser.add_argument("pattern", help="shards: a brace pattern, a folder or a file")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2))
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     shards = [shard for shard in expand_pattern(args.pattern) if shard.is_file()]
     if not shards:
         parser.exit(2, f"index_shards: {args.pattern} names no existing shard\n")
@@ -37,17 +32,15 @@ def main(argv=None):
     for shard in shards:
         folders[shard.parent].append(shard)
     problems = Counter()
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        for folder, members in folders.items():
-            counts = read_index(folder)
-            todo = [shard for shard in members if shard.name not in counts]
-            for shard, (count, shard_problems) in tqdm(zip(todo, pool.map(count_samples, todo)), total=len(todo),
-                                                       desc=str(folder), disable=not sys.stderr.isatty()):
-                counts[shard.name] = count
-                problems += shard_problems
-            write_index(folder, counts)
-            print(f"{folder / 'index.json'}: {len(counts)} shards, {sum(counts.values())} samples "
-                  f"({len(todo)} counted now)")
+    for folder, members in folders.items():
+        counts = read_index(folder)
+        todo = [shard for shard in members if shard.name not in counts]
+        if todo:
+            counts.update((shard.name, count) for shard, count in
+                          count_shards(todo, problems, str(folder), args.workers).items())
+        write_index(folder, counts)
+        print(f"{folder / 'index.json'}: {len(counts)} shards, {sum(counts.values())} samples "
+              f"({len(todo)} counted now)")
     if problems:
         print(f"damaged shards: {dict(problems)}")
 

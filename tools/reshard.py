@@ -6,9 +6,10 @@ any world size and expert-parallel size, which a run of any other shape resumes 
     deepspeed --num_gpus N launch/pretrain.py --deepspeed_config ds_configs/<config>.json \\
         --out runs/eve-tiny-N --resume-from runs/eve-tiny/universal
 
-The folder doubles as consolidated weights (model.safetensors + config.json). DeepSpeed's own universal
-checkpoint (ds_to_universal) is not used: it knows DeepSpeed's native MoE and AutoEP expert layouts, not
-experts partitioned over expert-data-parallel groups under ZeRO-3.
+The folder doubles as consolidated weights (model.safetensors + config.json, and the run's tokenizer where
+the checkpoint holds it). DeepSpeed's own universal checkpoint (ds_to_universal) is not used: it knows
+DeepSpeed's native MoE and AutoEP expert layouts, not experts partitioned over expert-data-parallel groups
+under ZeRO-3.
 """
 import argparse
 import sys
@@ -17,8 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from eve_ds.checkpoint import CheckpointError, consolidate  # noqa: E402
+from eve_ds.checkpoint import consolidate  # noqa: E402
 from eve_ds.checkpoint.universal import save_universal  # noqa: E402
+from eve_ds.errors import run_entry_point  # noqa: E402
 
 
 def main(argv=None):
@@ -28,11 +30,8 @@ def main(argv=None):
     parser.add_argument("--tag", default=None, help="checkpoint tag (default: the one 'latest' names)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    try:
-        checkpoint = consolidate(args.checkpoint_dir, args.tag, optimizer_state=True)
-        save_universal(args.out, checkpoint)
-    except CheckpointError as error:
-        parser.exit(2, f"reshard: {error}\n")
+    checkpoint = consolidate(args.checkpoint_dir, args.tag, optimizer_state=True)
+    save_universal(args.out, checkpoint)
     for note in checkpoint.notes:
         print(f"note: {note}")
     print(f"resharded {checkpoint.source} (ZeRO-{checkpoint.zero_stage}, step {checkpoint.step}) -> {args.out} in "
@@ -40,4 +39,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "reshard")

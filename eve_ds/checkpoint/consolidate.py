@@ -12,6 +12,9 @@ Dense groups are partitioned over all ranks; expert groups over the expert-data-
 ranks that hold the same experts), and expert names are local to their expert-parallel rank.
 ZeRO stage 0 has no partitions: its weights come whole from ``mp_rank_00_model_states.pt`` and
 ``layer_L_expert_E_mp_rank_00_model_states.pt``, without optimizer moments.
+
+A pre-training checkpoint also holds the run's tokenizer (``tokenizer.json``, ``special_tokens.json``), which
+travels on with the weights.
 """
 import math
 from dataclasses import dataclass, field
@@ -22,9 +25,10 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
-from eve_ds.checkpoint.manifest import is_complete, predates_manifests, summary, verify_share
-from eve_ds.checkpoint.pretrained import state_dict_mismatch
+from eve_ds.checkpoint.manifest import LATEST, is_complete, predates_manifests, summary, verify_share
+from eve_ds.checkpoint.pretrained import CheckpointError, state_dict_mismatch
 from eve_ds.config import EVEConfig
+from eve_ds.data.tokenizer import TOKENIZER_FILE, TextTokenizer
 from eve_ds.model.moe import LOCAL_EXPERT_KEY, ExpertPlacement
 
 DENSE_STATES = "mp_rank_00_model_states.pt"
@@ -36,10 +40,6 @@ PRECISION_PREFIXES = ("", "bf16_", "fp16_")
 MOMENTS = ("exp_avg", "exp_avg_sq")
 # What DeepSpeed pickles beside tensors; allowed so that files load with weights_only=True.
 DEEPSPEED_SAFE_GLOBALS = [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be consolidated; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -54,6 +54,7 @@ class ConsolidatedCheckpoint:
     optimizer_steps: int = None
     lr_scheduler: dict = None
     notes: list = field(default_factory=list)
+    tokenizer: TextTokenizer = None  # the one the run trained with, where the checkpoint holds it
 
 
 def load_file(path: Path) -> dict:
@@ -71,19 +72,31 @@ def resolve_tag_dir(checkpoint_dir, tag=None) -> Path:
     ``checkpoint_dir`` itself when it is such a folder."""
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
-        raise CheckpointError(f"{checkpoint_dir}: not a directory")
+        raise CheckpointError(f"{checkpoint_dir}: " + ("not a directory" if checkpoint_dir.exists() else
+                                                       "no such checkpoints folder"))
     if tag is None:
         if any(checkpoint_dir.glob("*model_states.pt")):
             return checkpoint_dir
-        latest = checkpoint_dir / "latest"
+        latest = checkpoint_dir / LATEST
         if not latest.is_file():
             raise CheckpointError(f"{checkpoint_dir}: not a DeepSpeed checkpoint (no 'latest' file and no "
                                   "*model_states.pt); pass the folder of a checkpoint or a --tag")
-        tag = latest.read_text().strip()
+        tag = latest.read_text(errors="replace").strip()
+        if not tag:
+            raise CheckpointError(f"{latest} is empty, so it names no checkpoint; {_tags(checkpoint_dir)}")
     tag_dir = checkpoint_dir / tag
     if not tag_dir.is_dir():
-        raise CheckpointError(f"{tag_dir}: checkpoint tag '{tag}' does not exist")
+        raise CheckpointError(f"{tag_dir}: checkpoint tag '{tag}' does not exist; {_tags(checkpoint_dir)}")
     return tag_dir
+
+
+def _tags(checkpoint_dir: Path) -> str:
+    """What to pass as --tag instead: the checkpoint folders there are."""
+    tags = sorted(path.name for path in checkpoint_dir.iterdir()
+                  if path.is_dir() and any(path.glob("*model_states.pt")))
+    if not tags:
+        return f"{checkpoint_dir} holds no checkpoint folder"
+    return f"pass --tag with one of {', '.join(tags)}"
 
 
 def _verify(tag_dir: Path) -> list:
@@ -260,9 +273,16 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
         raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)}, "
                               f"{RANK_OPTIM_STATES.format(rank=0)} nor {DENSE_STATES}")
     _check_complete(state_dict, config, tag_dir)
+    tokenizer = None
+    if (tag_dir / TOKENIZER_FILE).is_file():
+        tokenizer = TextTokenizer.from_folder(tag_dir, config.max_text_len)
+        tokenizer.check_fits(config.vocab_size, tag_dir)
+    else:
+        notes.append(f"{tag_dir} holds no {TOKENIZER_FILE}: give fine-tuning the tokenizer the run trained with "
+                     "(--tokenizer)")
     if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()):
         notes.append("ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights")
     client_keys = ("model_config", "masking", "seed", "step", "data")  # data: every reader's position
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
                                   tag_dir, {key: states[key] for key in client_keys if key in states},
-                                  moments, steps, states.get("lr_scheduler"), notes)
+                                  moments, steps, states.get("lr_scheduler"), notes, tokenizer)

@@ -75,8 +75,11 @@ def digest_share(tag_dir: Path, rank: int, world_size: int) -> dict:
     return {name: digest(tag_dir / name) for name in share(checkpoint_files(tag_dir), rank, world_size)}
 
 
-def write_manifest(tag_dir: Path, files: dict, step: int):
-    manifest = {"format": "eve-ds checkpoint manifest", "step": step, "files": dict(sorted(files.items()))}
+def write_manifest(tag_dir: Path, files: dict, step: int, layout: dict = None):
+    """``layout``: the world size, expert-parallel size, ZeRO stage and precision the files were written at, which
+    ``--resume`` checks before any rank starts."""
+    manifest = {"format": "eve-ds checkpoint manifest", "step": step, "layout": layout,
+                "files": dict(sorted(files.items()))}
     write_atomically(tag_dir / MANIFEST, lambda path: path.write_text(json.dumps(manifest, indent=1) + "\n"))
     _fsync_dir(tag_dir)
 
@@ -93,6 +96,22 @@ def _fsync_dir(path: Path):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def manifest_layout(tag_dir: Path):
+    """The layout a complete checkpoint was written at, or None (written before manifests said it)."""
+    try:
+        return json.loads((tag_dir / MANIFEST).read_text()).get("layout")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def checkpoint_bytes(tag_dir: Path) -> int:
+    """What a complete checkpoint's files take, by its manifest (0 where it cannot be read)."""
+    try:
+        return sum(entry["bytes"] for entry in read_manifest(tag_dir).values())
+    except ValueError:
+        return 0
 
 
 def read_manifest(tag_dir: Path) -> dict:

@@ -13,9 +13,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from eve_ds.config import EVEConfig
+from eve_ds.errors import UsageError
 from eve_ds.model.init import whole
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+class CheckpointError(UsageError):
+    """A checkpoint or weights folder that cannot be read or used; the message names the file and what is wrong."""
 
 
 def write_atomically(path: Path, write):
@@ -28,7 +33,10 @@ def write_atomically(path: Path, write):
         temporary.unlink(missing_ok=True)
 
 
-def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.float32, source: dict = None):
+def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.float32, source: dict = None,
+                    tokenizer=None):
+    """Writes the weights and config.json, and ``tokenizer`` (a TextTokenizer: what fine-tuning encodes with) where
+    given."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state_dict.items()}
@@ -36,6 +44,8 @@ def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.fl
                    "source": source or {}}
     write_atomically(out_dir / WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
 
 
 def pretrained_config(path) -> EVEConfig:
@@ -43,11 +53,11 @@ def pretrained_config(path) -> EVEConfig:
     path = Path(path)
     for name in (WEIGHTS, CONFIG):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} does not exist (write it with tools/consolidate.py)")
+            raise CheckpointError(f"{path / name} does not exist (write it with tools/consolidate.py)")
     try:
         return EVEConfig.from_dict(json.loads((path / CONFIG).read_text())["model_config"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
+        raise CheckpointError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
 
 
 class StoredWeights(Mapping):
@@ -61,7 +71,7 @@ class StoredWeights(Mapping):
         try:
             self._file = safe_open(str(self.path), framework="pt")
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{self.path}: cannot be read ({error})") from None
+            raise CheckpointError(f"{self.path}: cannot be read ({error})") from None
         self._keys = {key: key for key in self._file.keys()}  # name -> key in the file
         self._in_memory = {}  # key in the file -> the tensor to give instead
 
@@ -72,7 +82,7 @@ class StoredWeights(Mapping):
         try:
             return self._file.get_tensor(key)
         except SafetensorError as error:
-            raise ValueError(f"{self.path}: tensor '{key}' cannot be read ({error})") from None
+            raise CheckpointError(f"{self.path}: tensor '{key}' cannot be read ({error})") from None
 
     def __iter__(self):
         return iter(self._keys)
@@ -118,13 +128,14 @@ def load_pretrained(path, image_size: int = None, max_text_len: int = None) -> t
 def fitted_positions(weights: Mapping, config: EVEConfig, source: str = "", prefix: str = "encoder.") -> dict:
     """The position tables of ``weights`` fitted to ``config``: the image table interpolated over the patch grid
     (bicubic, the class position kept), as the authors' loader does when fine-tuning at another resolution; the
-    text table cut to ``max_text_len`` rows. Raises ValueError when the text table is shorter."""
+    text table cut to ``max_text_len`` rows. Raises CheckpointError when the text table is shorter."""
     image_key, text_key = f"{prefix}image_pos", f"{prefix}text_pos"
     image_pos = weights[image_key]
     if image_pos.shape[1] != config.num_image_tokens:
         width, grid = image_pos.shape[-1], math.isqrt(image_pos.shape[1] - 1)
         if grid * grid != image_pos.shape[1] - 1:
-            raise ValueError(f"{source}'{image_key}' has {image_pos.shape[1] - 1} patch positions, not a square grid")
+            raise CheckpointError(f"{source}'{image_key}' has {image_pos.shape[1] - 1} patch positions, "
+                                  "not a square grid")
         new_grid = config.image_size // config.patch_size
         patches = image_pos[:, 1:].float().reshape(1, grid, grid, width).permute(0, 3, 1, 2)
         patches = F.interpolate(patches, size=(new_grid, new_grid), mode="bicubic", align_corners=False)
@@ -132,8 +143,9 @@ def fitted_positions(weights: Mapping, config: EVEConfig, source: str = "", pref
         image_pos = torch.cat([image_pos[:, :1], patches], dim=1)
     text_pos = weights[text_key]
     if text_pos.shape[1] < config.max_text_len:
-        raise ValueError(f"{source}'{text_key}' holds {text_pos.shape[1]} text positions, fewer than max_text_len "
-                         f"{config.max_text_len}: choose a text length of at most {text_pos.shape[1]}")
+        raise CheckpointError(f"{source}'{text_key}' holds {text_pos.shape[1]} text positions, fewer than "
+                              f"max_text_len {config.max_text_len}: choose a text length of at most "
+                              f"{text_pos.shape[1]}")
     return {image_key: image_pos, text_key: text_pos[:, :config.max_text_len].contiguous()}
 
 
@@ -164,7 +176,7 @@ def load_weights(module: torch.nn.Module, weights: Mapping, source) -> torch.nn.
                 for name, tensor in module.state_dict(keep_vars=True).items()}
     mismatch = state_dict_mismatch(expected, weights)
     if mismatch:
-        raise ValueError("\n".join([f"{source} does not fit the model:", *mismatch]))
+        raise CheckpointError("\n".join([f"{source} does not fit the model:", *mismatch]))
     for prefix, child in module.named_modules():
         with whole(child):
             for name, tensor in [*child.named_parameters(recurse=False), *child.named_buffers(recurse=False)]:

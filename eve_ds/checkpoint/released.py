@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.checkpoint.pretrained import key_report, load_pretrained, state_dict_mismatch, write_atomically
+from eve_ds.checkpoint.pretrained import (CheckpointError, key_report, load_pretrained, state_dict_mismatch,
+                                         write_atomically)
 from eve_ds.config import EVEConfig
+from eve_ds.errors import UsageError
 from eve_ds.model.moe import TEXT, VISION
 
 PREFIX = "backbone."
@@ -85,7 +87,7 @@ def backbone(checkpoint: dict) -> tuple:
     module names, and how many other (task-head) tensors were left out."""
     state = checkpoint.get("model", checkpoint.get("module", checkpoint)) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
-        raise ValueError("holds no state dict (expected a dict of tensors, or one under 'model' or 'module')")
+        raise CheckpointError("holds no state dict (expected a dict of tensors, or one under 'model' or 'module')")
     prefixed = any(name.startswith(PREFIX) for name in state)
     weights, left_out = {}, 0
     for name, tensor in state.items():
@@ -102,10 +104,10 @@ def backbone(checkpoint: dict) -> tuple:
 
 def released_config(weights: dict, preset_config: EVEConfig) -> EVEConfig:
     """The model config of released backbone weights: the preset's, with the sizes the file sets itself.
-    Raises ValueError naming each architectural size in which the file and the preset differ."""
+    Raises CheckpointError naming each architectural size in which the file and the preset differ."""
     for required in ("patch_embed.weight", "word_embedding.weight", "pos_embed_vision", "pos_embed_text"):
         if required not in weights:
-            raise ValueError(f"has no '{PREFIX}{required}': not an EVE backbone")
+            raise CheckpointError(f"has no '{PREFIX}{required}': not an EVE backbone")
     width, in_channels, patch_size, _ = weights["patch_embed.weight"].shape
     layers = {int(m[1]) for name in weights if (m := re.match(r"encoder\.layers\.(\d+)\.", name))}
     moe_layers = sorted({int(m[1]) for name in weights if (m := re.match(r"encoder\.layers\.(\d+)\.mlp_moe\.", name))})
@@ -120,11 +122,12 @@ def released_config(weights: dict, preset_config: EVEConfig) -> EVEConfig:
     differences = [f"{key} {value} (the preset has {getattr(preset_config, key)})" for key, value in structure.items()
                    if value != getattr(preset_config, key)]
     if differences:
-        raise ValueError("is another architecture than the chosen model: " + ", ".join(differences))
+        raise CheckpointError("is another architecture than the chosen model: " + ", ".join(differences))
     image_positions = weights["pos_embed_vision"].shape[0] - 1
     grid = math.isqrt(image_positions)
     if grid * grid != image_positions:
-        raise ValueError(f"'{PREFIX}pos_embed_vision' has {image_positions} patch positions, not a square grid")
+        raise CheckpointError(f"'{PREFIX}pos_embed_vision' has {image_positions} patch positions, "
+                              "not a square grid")
     return preset_config.replace(vocab_size=weights["word_embedding.weight"].shape[0], image_size=grid * patch_size,
                                  max_text_len=weights["pos_embed_text"].shape[0])
 
@@ -136,7 +139,7 @@ def authors_config(preset_config: EVEConfig) -> EVEConfig:
 
 def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tuple:
     """Released backbone weights (``backbone`` output) -> eve-ds encoder weights; ``expected_shapes`` are the
-    encoder's (name -> shape). Returns (weights, notes). Raises ValueError naming missing, unexpected and
+    encoder's (name -> shape). Returns (weights, notes). Raises CheckpointError naming missing, unexpected and
     mis-shaped keys."""
     weights, encoder, notes, missing = dict(weights), {}, [], []
     for ours, theirs in name_pairs(config):
@@ -159,7 +162,7 @@ def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tu
         problems.append(key_report("unexpected", [PREFIX + name for name in sorted(weights)]))
     problems += state_dict_mismatch(expected_shapes, encoder) if not problems else []
     if problems:
-        raise ValueError("does not fit the EVE backbone:\n" + "\n".join(problems))
+        raise CheckpointError("does not fit the EVE backbone:\n" + "\n".join(problems))
     return encoder, notes
 
 
@@ -172,16 +175,16 @@ def _encoder_shapes(config: EVEConfig) -> dict:
 
 def export_released(consolidated_dir, out_file):
     """Writes the encoder of a consolidated folder (tools/consolidate.py) as a released-layout file:
-    ``{"model": {backbone...}, "eve_ds_model_config": {...}}``. Raises ValueError on a bad folder."""
+    ``{"model": {backbone...}, "eve_ds_model_config": {...}}``. Raises CheckpointError on a bad folder."""
     state_dict, config = load_pretrained(consolidated_dir)
     encoder = {name.removeprefix("encoder."): t for name, t in state_dict.items() if name.startswith("encoder.")}
     mismatch = state_dict_mismatch(_encoder_shapes(config), encoder)
     if mismatch:
-        raise ValueError("\n".join([f"{consolidated_dir}: the encoder does not fit its config:", *mismatch]))
+        raise CheckpointError("\n".join([f"{consolidated_dir}: the encoder does not fit its config:", *mismatch]))
     if not config.routing_embedding_to_experts:
-        raise ValueError(f"{consolidated_dir}: the model adds the routing embedding to the router's input only "
-                         "(routing_embedding_to_experts false); the authors' code adds it to the experts' input "
-                         "too, so these weights would compute another function there")
+        raise CheckpointError(f"{consolidated_dir}: the model adds the routing embedding to the router's input "
+                              "only (routing_embedding_to_experts false); the authors' code adds it to the experts' "
+                              "input too, so these weights would compute another function there")
     checkpoint = {"model": to_released(encoder, config), "eve_ds_model_config": config.to_dict()}
     write_atomically(Path(out_file), lambda path: torch.save(checkpoint, path))
 
@@ -189,26 +192,26 @@ def export_released(consolidated_dir, out_file):
 def import_released(path, preset_config: EVEConfig = None, allow_pickle: bool = False) -> tuple:
     """Reads a released-layout file; returns (encoder weights under eve-ds names, EVEConfig, notes).
     The config comes from the file where eve-ds wrote it, else from ``preset_config`` with the sizes the
-    file sets. Raises ValueError, naming the file, on anything that does not fit."""
+    file sets. Raises CheckpointError, naming the file, on anything that does not fit."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"{path}: file is missing")
+        raise CheckpointError(f"{path}: file is missing")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: holds objects beyond tensors and plain containers ({str(error)[:200]}); "
-                         "pass --allow-pickle if you trust its source") from None
+        raise CheckpointError(f"{path}: holds objects beyond tensors and plain containers ({str(error)[:200]}); "
+                              "pass --allow-pickle if you trust its source") from None
     except Exception as error:  # truncated zip, not a torch file, ...
-        raise ValueError(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]})") from None
+        raise CheckpointError(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:200]})") from None
     try:
         embedded = checkpoint.get("eve_ds_model_config") if isinstance(checkpoint, dict) else None
         if embedded is None and preset_config is None:
-            raise ValueError("carries no eve-ds model config: name the model it is (e.g. --model eve-base)")
+            raise CheckpointError("carries no eve-ds model config: name the model it is (e.g. --model eve-base)")
         weights, left_out = backbone(checkpoint)
         config = released_config(weights, EVEConfig.from_dict(embedded) if embedded else authors_config(preset_config))
         encoder, notes = from_released(weights, config, _encoder_shapes(config))
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except UsageError as error:  # a CheckpointError, or the ConfigError of a bad embedded config
+        raise CheckpointError(f"{path}: {error}") from None
     if left_out:
         notes.append(f"left out {left_out} tensors outside '{PREFIX}' (task heads)")
     return encoder, config, notes

@@ -1,8 +1,9 @@
 """A training checkpoint independent of the cluster shape: full fp32 weights, full AdamW moments and the
 trainer's position, which a run of any world size, expert-parallel size and ZeRO stage can resume from.
 
-The folder is also a consolidated weights folder (model.safetensors + config.json, see pretrained.py),
-with ``optimizer.safetensors`` (``exp_avg/<name>``, ``exp_avg_sq/<name>``) and ``trainer_state.json``.
+The folder is also a consolidated weights folder (model.safetensors + config.json, see pretrained.py, and the
+run's tokenizer where its checkpoint holds one), with ``optimizer.safetensors`` (``exp_avg/<name>``,
+``exp_avg_sq/<name>``) and ``trainer_state.json``.
 """
 import json
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ def save_universal(out_dir, checkpoint: ConsolidatedCheckpoint):
                               f"{checkpoint.zero_stage}; reshard reads ZeRO 1-3 checkpoints)")
     out_dir = Path(out_dir)
     source = {"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage, "step": checkpoint.step}
-    save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source)
+    save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source,
+                    tokenizer=checkpoint.tokenizer)
     moments = {f"{key}/{name}": tensor.contiguous() for key in MOMENTS for name, tensor in checkpoint.moments[key].items()}
     write_atomically(out_dir / OPTIMIZER, lambda path: save_file(moments, str(path)))
     state = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps,
@@ -48,7 +50,7 @@ def load_universal(path) -> UniversalCheckpoint:
     path = Path(path)
     for name in (OPTIMIZER, TRAINER_STATE):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} does not exist (write the folder with tools/reshard.py)")
+            raise CheckpointError(f"{path / name} does not exist (write the folder with tools/reshard.py)")
     weights, config = open_pretrained(path)
     flat = StoredWeights(path / OPTIMIZER)
     for key in MOMENTS:

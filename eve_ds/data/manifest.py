@@ -2,6 +2,7 @@
 
 Relative image paths resolve against the manifest's folder. Malformed lines are skipped and counted.
 """
+from eve_ds.errors import UsageError
 import json
 import logging
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-class ManifestError(ValueError):
+class ManifestError(UsageError):
     pass
 
 

@@ -1,30 +1,46 @@
 """Image-text pairs in webdataset-style tar shards, as img2dataset writes them: the files of one sample lie
 next to each other and share a key, ``KEY.jpg`` (or ``.jpeg``, ``.png``, ``.webp``), ``KEY.txt`` (the
-caption) and ``KEY.json`` (metadata; eve-ds keeps every caption of a sample under ``"captions"``). Shard sets
-are named by brace patterns (``cc3m/{00000..00331}.tar``), and ``index.json`` beside the shards counts the
-samples of each.
+caption) and ``KEY.json`` (metadata; eve-ds keeps every caption of a sample under ``"captions"``). Shards are
+``.tar``, ``.tar.gz`` or ``.tgz``; shard sets are named by brace patterns (``cc3m/{00000..00331}.tar``), and
+``index.json`` beside the shards counts the samples of each (``shard_counts`` counts those it lacks).
 
 Read with the standard library's ``tarfile`` rather than the ``webdataset`` package: the loader has to know
 exactly how many samples it consumed, which is simplest when eve-ds owns the iteration.
 """
+import hashlib
 import io
 import json
+import logging
+import os
 import re
 import tarfile
+import time
+import uuid
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
+from eve_ds.errors import UsageError
+
+logger = logging.getLogger(__name__)
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 INDEX = "index.json"
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _CHOICE = re.compile(r"\{([^{}]*,[^{}]*)\}")
 
 
+class DataError(UsageError):
+    pass
+
+
 def expand_pattern(pattern) -> list:
-    """Shard paths of a brace pattern (``{00000..00331}``, ``{a,b}``), a folder (its ``*.tar``) or one file."""
+    """Shard paths of a brace pattern (``{00000..00331}``, ``{a,b}``), a folder (its shards) or one file."""
     pattern = str(pattern)
     if Path(pattern).is_dir():
-        return sorted(Path(pattern).glob("*.tar"))
+        return sorted(path for suffix in SHARD_SUFFIXES for path in Path(pattern).glob(f"*{suffix}"))
     groups = [match for match in (_RANGE.search(pattern), _CHOICE.search(pattern)) if match]
     if not groups:
         return [Path(pattern)]
@@ -32,7 +48,7 @@ def expand_pattern(pattern) -> list:
     if match.re is _RANGE:
         first, last = match[1], match[2]
         if int(last) < int(first):
-            raise ValueError(f"shard pattern {pattern!r}: range {{{first}..{last}}} runs backwards")
+            raise DataError(f"shard pattern {pattern!r}: range {{{first}..{last}}} runs backwards")
         choices = [str(n).zfill(len(first)) for n in range(int(first), int(last) + 1)]
     else:
         choices = match[1].split(",")
@@ -40,13 +56,17 @@ def expand_pattern(pattern) -> list:
             for path in expand_pattern(pattern[:match.start()] + choice + pattern[match.end():])]
 
 
-def iter_shard(path, problems: Counter, skip: int = 0):
-    """(key, {extension: bytes}) for each sample of a shard, in order, after the first ``skip`` samples (passed
-    over without being extracted). A shard that cannot be opened, or that ends in the middle (truncated), counts
-    in ``problems`` ("unreadable shard", "truncated shard") after yielding what it holds; it never raises."""
-    key, files, seen = None, {}, 0
+def iter_shard(path, problems: Counter, skip: int = 0, stop: int = None):
+    """(key, {extension: bytes}) for samples [skip, stop) of a shard, in order; the first ``skip`` are passed over
+    without being extracted. It never raises. Given ``stop`` (from the shard's count in its index), every sample of
+    the range that the shard does not deliver counts 1 in ``problems``: "unreadable shard" where the shard cannot
+    be opened, else "truncated shard" (cut off, or a damaged header, which the streaming reader silently takes for
+    the end of the archive). Without ``stop`` the loss is unknown and a damaged shard counts 1."""
+    key, files, seen, delivered, opened, damaged = None, {}, 0, 0, False, False
+    wanted = None if stop is None else stop - skip
     try:
         with tarfile.open(path, mode="r|*") as archive:  # a stream: no seeking, as over a network file
+            opened = True
             for member in archive:
                 if not member.isfile():
                     continue
@@ -55,7 +75,9 @@ def iter_shard(path, problems: Counter, skip: int = 0):
                 if member_key != key:
                     if files:
                         yield key, files
-                        files = {}
+                        delivered, files = delivered + 1, {}
+                        if delivered == wanted:
+                            return
                     key, seen = member_key, seen + 1
                 if seen <= skip:
                     continue
@@ -63,14 +85,16 @@ def iter_shard(path, problems: Counter, skip: int = 0):
                 if len(data) != member.size:
                     raise EOFError(f"{name}: {len(data)} of {member.size} bytes")
                 files[extension.lower()] = data
-    except FileNotFoundError:
-        problems["unreadable shard"] += 1
-        return
-    except (tarfile.ReadError, EOFError, OSError):  # the sample being read when the data ran out is lost
-        problems["truncated shard" if key is not None else "unreadable shard"] += 1
-        return
-    if files:
-        yield key, files
+        if files:
+            yield key, files
+            delivered += 1
+    except (tarfile.TarError, EOFError, OSError):  # the sample being read when the data ran out is lost
+        damaged = True
+    reason = "truncated shard" if opened else "unreadable shard"
+    if wanted is not None and delivered < wanted:
+        problems[reason] += wanted - delivered
+    elif wanted is None and damaged:
+        problems[reason] += 1
 
 
 def captions_of(files: dict, problems: Counter) -> list:
@@ -114,12 +138,97 @@ def add_sample(archive: tarfile.TarFile, key: str, image: tuple, captions: list)
 
 def read_index(folder) -> dict:
     """{shard file name: sample count} of ``index.json`` in a shard folder ({} where there is none)."""
-    path = Path(folder) / INDEX
-    return json.loads(path.read_text())["shards"] if path.is_file() else {}
+    return _read_counts(Path(folder) / INDEX)
 
 
 def write_index(folder, counts: dict):
-    from eve_ds.checkpoint.pretrained import write_atomically
+    _write_counts(Path(folder) / INDEX, counts)
 
+
+def count_samples(shard) -> tuple:
+    """(samples, problems) of one shard, read whole."""
+    problems = Counter()
+    return sum(1 for _ in iter_shard(shard, problems)), problems
+
+
+def count_shards(shards: list, problems: Counter, name: str, workers: int = None) -> dict:
+    """{shard: samples} of shards that no index counts, read in parallel processes (by default min(8, CPUs)), with
+    a progress line on the log every half minute; what damaged shards hold is counted, the damage in ``problems``."""
+    workers = min(workers or min(8, os.cpu_count() or 1), len(shards))
+    counts, logged = {}, time.monotonic()
+    logger.info("counting %d shards of %s without an index", len(shards), name)
+    with ProcessPoolExecutor(workers) if workers > 1 else nullcontext() as pool:
+        results = pool.map(count_samples, shards) if pool else map(count_samples, shards)
+        for done, (shard, (count, shard_problems)) in enumerate(zip(shards, results), 1):
+            counts[shard] = count
+            problems.update(shard_problems)
+            if done == len(shards) or time.monotonic() - logged > 30:
+                logger.info("counting %d shards of %s without an index: %d/%d", len(shards), name, done, len(shards))
+                logged = time.monotonic()
+    return counts
+
+
+def shard_counts(shards: list, name: str, cache=None) -> list:
+    """The sample count of each shard (``name``: the set's, for the log): from the ``index.json`` beside it, or from
+    ``cache`` (a folder that keeps the counts of shards whose folder is read-only, one file per shard folder). Shards
+    counted in neither are counted now and their counts recorded: beside the shards where that folder is
+    writable, else in ``cache``, so that later starts read them."""
+    known = {}
+    for folder in dict.fromkeys(shard.parent for shard in shards):
+        cached = _read_counts(_cache_file(folder, cache)) if cache is not None else {}
+        known[folder] = {**cached, **read_index(folder)}
+    todo = [shard for shard in shards if shard.name not in known[shard.parent]]
+    if todo:
+        problems = Counter()
+        counted = count_shards(todo, problems, name)
+        if problems:
+            logger.warning("%s: damaged shards, counted with the samples they hold: %s", name, dict(problems))
+        for folder in dict.fromkeys(shard.parent for shard in todo):
+            new = {shard.name: count for shard, count in counted.items() if shard.parent == folder}
+            known[folder].update(new)
+            _record(folder, new, cache)
+    return [known[shard.parent][shard.name] for shard in shards]
+
+
+def _record(folder: Path, new: dict, cache):
+    """Merges new counts into the index as it is now: another rank may have written it meanwhile."""
+    try:
+        write_index(folder, {**read_index(folder), **new})
+        return
+    except OSError as error:
+        if cache is None:
+            logger.warning("counts of %s not recorded (%s): they are counted again at the next start", folder, error)
+            return
+    path = _cache_file(folder, cache)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_counts(path, {**_read_counts(path), **new}, folder)
+
+
+def _cache_file(folder: Path, cache) -> Path:
+    """The cached index of a shard folder, keyed by the folder's path: two folders' shards may share names."""
+    digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
+    return Path(cache) / f"index-{digest}.json"
+
+
+def _read_counts(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return dict(json.loads(path.read_text())["shards"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{path} is not an index of shards ({error}): delete it to have the shards counted "
+                         f"again") from None
+
+
+def _write_counts(path: Path, counts: dict, folder: Path = None):
+    """Writes through a temporary name of its own, then renames: readers never see a partial file, and ranks
+    writing at once never share a temporary (as they would checkpoint.pretrained.write_atomically's)."""
     index = {"format": "eve-ds shards", "samples": sum(counts.values()), "shards": dict(sorted(counts.items()))}
-    write_atomically(Path(folder) / INDEX, lambda path: path.write_text(json.dumps(index, indent=1) + "\n"))
+    if folder is not None:
+        index["folder"] = str(Path(folder).resolve())
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    try:
+        temporary.write_text(json.dumps(index, indent=1) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

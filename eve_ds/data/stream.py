@@ -35,7 +35,7 @@ from PIL import Image
 
 from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, MaskedSamples
 from eve_ds.data.shards import captions_of, image_of
-from eve_ds.data.sources import DataError, Source, epoch_order, read_positions
+from eve_ds.data.sources import DataError, NoReadableData, Source, epoch_order, read_positions
 from eve_ds.objectives.masking import IGNORE_INDEX
 
 REASONS = ("unreadable image", "image too large", "missing image", "missing caption", "empty caption",
@@ -48,10 +48,9 @@ def fresh_state(num_sources: int, reader: int, readers: int) -> dict:
                                     for _ in range(num_sources)]}
 
 
-def source_samples(source: Source, index: int, state: dict, reader: int, readers: int, seed: int, block: int,
-                   problems: Counter):
-    """(epoch, position, raw sample or None) of one source for one reader, endlessly; ``state`` (the source's
-    part of the reader state) is kept current after each."""
+def source_samples(source: Source, index: int, state: dict, reader: int, readers: int, seed: int, block: int):
+    """(epoch, position, raw sample or the reason it was lost) of one source for one reader, endlessly; ``state``
+    (the source's part of the reader state) is kept current after each."""
     while True:
         if not state["pending"]:
             state["pending"].append([state["next_epoch"], reader, readers, 0])
@@ -65,7 +64,7 @@ def source_samples(source: Source, index: int, state: dict, reader: int, readers
         start = slice_reader * length
         first_block = resume_at // block
         raw = read_positions(source, epoch_order(source, index, epoch, seed), start + first_block * block,
-                             start + length, problems)
+                             start + length)
         for number in range(first_block, math.ceil(length / block)):
             offset = number * block
             items = [(start + offset + i, next(raw)) for i in range(min(block, length - offset))]
@@ -78,10 +77,10 @@ def source_samples(source: Source, index: int, state: dict, reader: int, readers
         state["pending"].pop(0)
 
 
-def reader_samples(sources: list, weights: list, state: dict, reader: int, readers: int, seed: int, block: int,
-                   problems: Counter):
-    """(source index, epoch, position, raw sample or None), the sources drawn by weight, endlessly."""
-    streams = [source_samples(source, index, state["sources"][index], reader, readers, seed, block, problems)
+def reader_samples(sources: list, weights: list, state: dict, reader: int, readers: int, seed: int, block: int):
+    """(source index, epoch, position, raw sample or the reason it was lost), the sources drawn by weight,
+    endlessly."""
+    streams = [source_samples(source, index, state["sources"][index], reader, readers, seed, block)
                for index, source in enumerate(sources)]
     while True:
         index = 0
@@ -95,7 +94,8 @@ class PretrainingStream(torch.utils.data.IterableDataset):
     """Endless micro-batches of masked samples for one rank (see the module's description). A micro-batch
     holds only readable samples, so every one has the same shape; each also carries ``keys`` (source:epoch:key of
     each sample), ``problems`` (counts per REASONS of what was skipped since the reader's previous batch) and
-    ``data_state`` (the reader's state after it, as JSON)."""
+    ``data_state`` (the reader's state after it, as JSON). A reader that passes over as many positions in a row as
+    its sources hold together without one usable sample raises NoReadableData rather than spin."""
 
     def __init__(self, sources: list, weights: list, samples: MaskedSamples, micro_batch: int, rank: int,
                  world_size: int, num_workers: int, seed: int = 0, block: int = 1000):
@@ -126,8 +126,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         reader = self.rank * self.roles + role
         state = copy.deepcopy(self.states[role]) or fresh_state(len(self.sources), reader, self.readers)
         problems = Counter()
-        samples = reader_samples(self.sources, self.weights, state, reader, self.readers, self.seed, self.block,
-                                 problems)
+        samples = reader_samples(self.sources, self.weights, state, reader, self.readers, self.seed, self.block)
+        one_pass = sum(source.total for source in self.sources)
+        unusable, before_them = 0, Counter()  # positions in a row without a usable sample; the counts before them
         while True:
             batch, keys = [], []
             while len(batch) < self.micro_batch:
@@ -137,19 +138,35 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                 if sample is not None:
                     batch.append(sample)
                     keys.append(f"{index}:{epoch}:{raw[0]}")
+                    unusable, before_them = 0, problems.copy()
+                    continue
+                unusable += 1
+                if unusable == one_pass:
+                    raise no_readable_data(self.sources, one_pass, problems - before_them)
             collated = torch.utils.data.default_collate(batch)
             collated["keys"] = keys
             collated["problems"] = torch.tensor([problems[reason] for reason in REASONS])
             collated["data_state"] = json.dumps({"role": role, "state": state})
             problems.clear()
+            before_them.clear()
             yield collated
+
+
+def no_readable_data(sources: list, positions: int, skipped: Counter) -> NoReadableData:
+    counts = ", ".join(f"{reason} {skipped[reason]}" for reason in REASONS if skipped[reason])
+    return NoReadableData(f"no readable sample in a pass over {', '.join(source.name for source in sources)} "
+                          f"({positions} positions: {counts or 'none skipped'}): check the data")
 
 
 def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Counter):
     """The masked sample of a raw one (key, files), its caption drawn by ``rng`` where it has several; None, counted
-    in ``problems`` by reason, where it has no usable caption or image (a raw None was lost with a damaged shard,
-    counted when the shard was read)."""
+    in ``problems`` by reason, where it has no usable caption or image, or where ``raw`` is the reason the sample
+    was lost. Counted here, as it is drawn, rather than where it was read a block ahead: the counts of a batch
+    are those of the positions it consumed. A raw None (a padding place) is not counted."""
     if raw is None:
+        return None
+    if isinstance(raw, str):
+        problems[raw] += 1
         return None
     _, files = raw
     captions = captions_of(files, problems)
@@ -233,7 +250,7 @@ def validation_batches(source: Source, samples: MaskedSamples, rank: int, world_
     share = math.ceil(source.total / world_size)
     start, stop = min(rank * share, source.total), min((rank + 1) * share, source.total)
     order = list(range(len(source.units)))
-    raw = read_positions(source, order, start, stop, problems)
+    raw = read_positions(source, order, start, stop)
     batch = []
     for position in range(start, start + math.ceil(share / micro_batch) * micro_batch):
         item = next(raw, None) if position < stop else None

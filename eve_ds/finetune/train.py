@@ -7,6 +7,7 @@ import argparse
 import json
 from dataclasses import dataclass
 import logging
+import math
 import os
 from functools import partial
 from pathlib import Path
@@ -15,29 +16,51 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from eve_ds.checkpoint.consolidate import model_config_in, saved_model_config, saved_states
+from eve_ds.checkpoint.consolidate import CheckpointError, model_config_in, saved_model_config, saved_states
 from eve_ds.checkpoint.pretrained import StoredWeights, open_pretrained, pretrained_config as read_pretrained_config
-from eve_ds.checkpoint.training import RunCheckpoints
+from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import set_master_weights
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError
-from eve_ds.data import TextTokenizer
+from eve_ds.data.tokenizer import TOKENIZER_FILE, TextTokenizer, role_and_token
 from eve_ds.engine import build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
+from eve_ds.errors import ArgumentParser
 from eve_ds.finetune.heads import encoder_weights
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
 from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
                                    write_vqa_results)
 from eve_ds.model.moe import ExpertPlacement
-from eve_ds.trainer import Job, Loop, RunLog, run_summary, start_distributed
+from eve_ds.trainer import Job, Loop, RunLog, run_folder_held, run_summary, start_distributed
 
 logger = logging.getLogger("eve_ds.finetune")
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 RECIPE_NAMES = {"vqa": "vqa", "nlvr2": "nlvr2", "retrieval": "retrieval-coco"}
+SHAPES_TOKENIZER = REPO_ROOT / "data" / "shapes" / TOKENIZER_FILE
+
+
+def bounded(kind, lowest, inclusive: bool = False):
+    """An argparse type: a finite number of ``kind`` (int or float) above ``lowest``, or from it on when
+    ``inclusive``; the parser refuses anything else in one sentence."""
+    wanted = f"{'an integer' if kind is int else 'a number'} {'of at least' if inclusive else 'above'} {lowest}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not math.isfinite(value) or value < lowest or (value == lowest and not inclusive):
+            raise argparse.ArgumentTypeError(f"wants {wanted}, got '{text}'")
+        return value
+    return parse
+
+
+POSITIVE_INT, POSITIVE = bounded(int, 0), bounded(float, 0)
+NON_NEGATIVE_INT, NON_NEGATIVE = bounded(int, 0, inclusive=True), bounded(float, 0, inclusive=True)
 
 
 def parse_args(argv=None, evaluating: bool = False):
-    parser = argparse.ArgumentParser(description="Evaluate a fine-tuned EVE checkpoint." if evaluating else
+    parser = ArgumentParser(description="Evaluate a fine-tuned EVE checkpoint." if evaluating else
                                      "Fine-tune EVE for VQA v2, NLVR2 or image-text retrieval.")
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--pretrained", required=True,
@@ -48,38 +71,55 @@ def parse_args(argv=None, evaluating: bool = False):
         parser.add_argument("--results", default=None, help="VQA: write [{question_id, answer}] here")
     parser.add_argument("--recipe", default=None, help="the authors' recipe to start from (default: the task's; "
                         "retrieval-flickr for Flickr30K)")
-    parser.add_argument("--tokenizer", default=None,
-                        help="tokenizer.json (default: the one in --pretrained, else the shipped shapes tokenizer)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one that travels with the "
+                        "weights in --pretrained, with its roles, else the shipped shapes tokenizer)")
+    parser.add_argument("--special-token", action="append", type=role_and_token, default=[], metavar="ROLE=TOKEN",
+                        help="the tokenizer's token for a role (cls, sep, pad, mask, unk) where its usual names do not "
+                             "find it (over the roles saved in --pretrained); repeatable")
     parser.add_argument("--out", default=None, help="run folder (default: runs/finetune-<task>)")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default: the recipe's)")
-    parser.add_argument("--lr", type=float, default=None, help="default: the recipe's")
-    parser.add_argument("--lr-multiplier", type=float, default=None,
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=None, help="default: the recipe's")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=None, help="global batch (default: the recipe's)")
+    parser.add_argument("--lr", type=POSITIVE, default=None, help="default: the recipe's")
+    parser.add_argument("--lr-multiplier", type=POSITIVE, default=None,
                         help="for the parameters the pre-trained weights do not have (default: the recipe's)")
-    parser.add_argument("--image-size", type=int, default=None, help="default: the recipe's")
-    parser.add_argument("--aux-weight", type=float, default=None, help="MoE load-balancing loss weight "
+    parser.add_argument("--image-size", type=POSITIVE_INT, default=None, help="default: the recipe's")
+    parser.add_argument("--aux-weight", type=NON_NEGATIVE, default=None, help="MoE load-balancing loss weight "
                         "(default: the recipe's; VQA 0 as the authors, else the pre-training weight)")
-    parser.add_argument("--k-test", type=int, default=None, help="retrieval: candidates re-ranked by the matching head")
-    parser.add_argument("--eval-batch-size", type=int, default=16, help="per rank")
+    parser.add_argument("--k-test", type=POSITIVE_INT, default=None,
+                        help="retrieval: candidates re-ranked by the matching head")
+    parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=16, help="per rank")
     parser.add_argument("--eval-before", action="store_true",
                         help="evaluate once before training too (step 0 in metrics.jsonl)")
-    parser.add_argument("--save-interval", type=int, default=None, help="default: once per epoch")
-    parser.add_argument("--keep-checkpoints", type=int, default=1)
-    parser.add_argument("--log-interval", type=int, default=10)
+    parser.add_argument("--save-interval", type=POSITIVE_INT, default=None, help="default: once per epoch")
+    parser.add_argument("--keep-checkpoints", type=NON_NEGATIVE_INT, default=1, help="0 keeps all")
+    parser.add_argument("--log-interval", type=POSITIVE_INT, default=10)
+    parser.add_argument("--max-bad-steps", type=NON_NEGATIVE_INT, default=10,
+                        help="stop as diverged after this many skipped or non-finite steps in a row (0: never)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--auto-resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=2)
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     add_data_arguments(parser)
     parser = deepspeed.add_config_arguments(parser)
     args = parser.parse_args(argv)
     args.deepspeed_config = args.deepspeed_config or str(REPO_ROOT / "ds_configs" / f"finetune_{args.task}.json")
     args.out = Path(args.out or REPO_ROOT / "runs" / f"finetune-{args.task}")
-    pretrained_tokenizer = Path(args.pretrained) / "tokenizer.json"
-    args.tokenizer = Path(args.tokenizer or (pretrained_tokenizer if pretrained_tokenizer.is_file()
-                                             else REPO_ROOT / "data/shapes/tokenizer.json"))
+    args.special_token = dict(args.special_token)
     return args
+
+
+def open_tokenizer(args, max_len: int) -> TextTokenizer:
+    """--tokenizer where given; else the tokenizer that travels with the weights in --pretrained, with the roles saved
+    beside it; else the shipped shapes tokenizer. --special-token names roles over any of them."""
+    if args.tokenizer is None and (Path(args.pretrained) / TOKENIZER_FILE).is_file():
+        return TextTokenizer.from_folder(args.pretrained, max_len, args.special_token)
+    return TextTokenizer(args.tokenizer or SHAPES_TOKENIZER, max_len, args.special_token)
+
+
+def given(value, default):
+    """The command line's value where one was given, else the recipe's."""
+    return default if value is None else value
 
 
 def preset_name(config) -> str:
@@ -163,23 +203,23 @@ class Setup:
     aux_weight: float
     k_test: int
     config: object  # the pre-trained model's EVEConfig
+    tokenizer: TextTokenizer
 
 
 def start(args) -> Setup:
-    """Distributed start-up, logging, the recipe with the command line's changes, and the task's data."""
-    start_distributed()
+    """The recipe with the command line's changes, the tokenizer and the task's data (after distributed start-up)."""
     config = read_pretrained_config(args.pretrained)
     chosen = recipe(args.recipe or RECIPE_NAMES[args.task], preset_name(config))
-    image_size = args.image_size or chosen.image_size
-    tokenizer = TextTokenizer(args.tokenizer, chosen.max_text_len)
+    image_size = given(args.image_size, chosen.image_size)
+    tokenizer = open_tokenizer(args, chosen.max_text_len)
     tokenizer.check_fits(config.vocab_size, args.pretrained)
+    logger.info("tokenizer %s: %d tokens", tokenizer.path, tokenizer.vocab_size)
     task = load_task(args.task, args, tokenizer, image_size, args.seed, args.eval_split)
     if task.problems:
         logger.warning("data: skipped %s", dict(task.problems))
-    return Setup(task, chosen, image_size, args.batch_size or chosen.global_batch_size, args.lr or chosen.lr,
-                 args.lr_multiplier or chosen.lr_multiplier,
-                 args.aux_weight if args.aux_weight is not None else chosen.aux_weight,
-                 args.k_test or chosen.k_test or 128, config)
+    return Setup(task, chosen, image_size, given(args.batch_size, chosen.global_batch_size), given(args.lr, chosen.lr),
+                 given(args.lr_multiplier, chosen.lr_multiplier), given(args.aux_weight, chosen.aux_weight),
+                 given(args.k_test, chosen.k_test or 128), config, tokenizer)
 
 
 def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: int) -> tuple:
@@ -206,6 +246,7 @@ def start_masters_from_pretrained(engine, model, weights: StoredWeights, placeme
 def main(argv=None, stop: StopRequest = None):
     stop = stop or StopRequest()
     args = parse_args(argv)
+    start_distributed()
     setup = start(args)
     task, chosen, pretrained_config = setup.task, setup.recipe, setup.config
     rank, world_size = dist.get_rank(), dist.get_world_size()
@@ -216,7 +257,7 @@ def main(argv=None, stop: StopRequest = None):
                 chosen.task, chosen.model, setup.image_size, setup.global_batch, setup.lr, setup.multiplier,
                 chosen.schedule, 100 * chosen.warmup_fraction)
 
-    epochs = args.epochs or chosen.epochs
+    epochs = given(args.epochs, chosen.epochs)
     ds_config, parallelism = fine_tuning_deepspeed_config(args, world_size, pretrained_config, setup.global_batch)
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
     steps_per_epoch = len(task.train) // world_size // micro_batch // accumulation
@@ -229,69 +270,74 @@ def main(argv=None, stop: StopRequest = None):
         **ds_config["optimizer"].get("params", {}), **chosen.adamw_options(), "lr": setup.lr,
         "betas": list(chosen.betas)}
 
-    placement = ExpertPlacement.of_global_rank(rank, pretrained_config.num_experts,
-                                               parallelism.expert_parallel_size)
-    torch.manual_seed(args.seed)
-    pretrained, fitted_config = open_pretrained(args.pretrained, setup.image_size, chosen.max_text_len)
-    model = MODELS[args.task].from_weights(pretrained, fitted_config, placement, ds_config,
-                                           aux_weight=setup.aux_weight, **task.head_options)
-    model.encoder.activation_checkpointing = parallelism.activation_checkpointing
-    groups = param_groups(model, setup.lr, chosen.weight_decay, setup.multiplier)
-    scheduler = partial(lr_scheduler, base_lr=setup.lr, total_steps=args.steps,
-                        warmup_steps=chosen.warmup_steps(args.steps), schedule=chosen.schedule)
-    engine, _ = initialize(model, ds_config, placement, groups, scheduler)
-    logger.info("%d epochs of %d steps; ZeRO stage %d, expert-parallel size %d", epochs, steps_per_epoch,
-                zero_stage(ds_config), parallelism.expert_parallel_size)
+    layout = run_layout(world_size, parallelism.expert_parallel_size, ds_config)
+    check_run_folder(args.out / "checkpoints", args.resume, args.auto_resume, None, layout)
+    with run_folder_held(args.out):
+        placement = ExpertPlacement.of_global_rank(rank, pretrained_config.num_experts,
+                                                   parallelism.expert_parallel_size)
+        torch.manual_seed(args.seed)
+        pretrained, fitted_config = open_pretrained(args.pretrained, setup.image_size, chosen.max_text_len)
+        model = MODELS[args.task].from_weights(pretrained, fitted_config, placement, ds_config,
+                                               aux_weight=setup.aux_weight, **task.head_options)
+        model.encoder.activation_checkpointing = parallelism.activation_checkpointing
+        groups = param_groups(model, setup.lr, chosen.weight_decay, setup.multiplier)
+        scheduler = partial(lr_scheduler, base_lr=setup.lr, total_steps=args.steps,
+                            warmup_steps=chosen.warmup_steps(args.steps), schedule=chosen.schedule)
+        engine, _ = initialize(model, ds_config, placement, groups, scheduler)
+        logger.info("%d epochs of %d steps; ZeRO stage %d, expert-parallel size %d", epochs, steps_per_epoch,
+                    zero_stage(ds_config), parallelism.expert_parallel_size)
 
-    checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints)
-    resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
-    start_step = 0
-    if resume_tag is None:
-        start_masters_from_pretrained(engine, model, pretrained, placement)
-    else:
-        saved = saved_model_config(resume_tag)
-        if saved != model.config:
-            raise ConfigError(f"{resume_tag} was written for another model: {model.config.differences(saved)}")
-        path, saved_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
-        start_step = saved_state["step"]
-        logger.info("resumed from %s at step %d", path, start_step)
-    if is_main:
-        args.out.mkdir(parents=True, exist_ok=True)
-    client_state = {"model_config": model.config.to_dict(), "task": args.task, "head_options": task.head_options,
-                    "seed": args.seed, "deepspeed_config": ds_config}
-    job = FinetuningJob(task, engine, args, steps_per_epoch, client_state, setup.k_test)
-    batches = iter(torch.utils.data.DataLoader(
-        EpochItems(task.train), batch_sampler=epoch_batches(len(task.train), micro_batch, rank, world_size, args.seed,
-                                                            start_step * accumulation),
-        num_workers=args.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
-    run_log = RunLog(args.out, is_main, start_step)
-    if args.eval_before and start_step == 0:
-        run_log.write({"step": 0, **{f"val_{key}": value for key, value in job.evaluate(0).items()}})
-    loop = Loop(engine, job, batches, checkpoints, run_log, args.steps, accumulation,
-                model.config.moe_layers, args.seed, args.save_interval or steps_per_epoch, args.log_interval, stop,
-                f"fine-tuning {args.task}")
-    step_times = loop.run(start_step)
-    summary = run_summary(step_times, engine.device, task=args.task, steps=args.steps, epochs=epochs,
-                          world_size=world_size, **{f"val_{key}": value for key, value in job.last_metrics.items()})
-    if is_main:
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        logger.info("done: %s", json.dumps(summary))
-    dist.barrier()
-    return summary
+        checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints, layout)
+        resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
+        start_step = 0
+        if resume_tag is None:
+            start_masters_from_pretrained(engine, model, pretrained, placement)
+        else:
+            saved = saved_model_config(resume_tag)
+            if saved != model.config:
+                raise ConfigError(f"{resume_tag} was written for another model: {model.config.differences(saved)}")
+            path, saved_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
+            start_step = saved_state["step"]
+            logger.info("resumed from %s at step %d", path, start_step)
+        if is_main:
+            args.out.mkdir(parents=True, exist_ok=True)
+        client_state = {"model_config": model.config.to_dict(), "task": args.task, "head_options": task.head_options,
+                        "seed": args.seed, "deepspeed_config": ds_config}
+        job = FinetuningJob(task, engine, args, steps_per_epoch, client_state, setup.k_test)
+        job.write_files = setup.tokenizer.save
+        batches = iter(torch.utils.data.DataLoader(
+            EpochItems(task.train), batch_sampler=epoch_batches(len(task.train), micro_batch, rank, world_size, args.seed,
+                                                                start_step * accumulation),
+            num_workers=args.num_workers, worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
+        run_log = RunLog(args.out, is_main, start_step)
+        if args.eval_before and start_step == 0:
+            run_log.write({"step": 0, **{f"val_{key}": value for key, value in job.evaluate(0).items()}})
+        loop = Loop(engine, job, batches, checkpoints, run_log, args.steps, accumulation,
+                    model.config.moe_layers, args.seed, given(args.save_interval, steps_per_epoch), args.log_interval, stop,
+                    f"fine-tuning {args.task}", args.max_bad_steps)
+        step_times = loop.run(start_step)
+        summary = run_summary(step_times, engine.device, task=args.task, steps=args.steps, epochs=epochs,
+                              world_size=world_size, **{f"val_{key}": value for key, value in job.last_metrics.items()})
+        if is_main:
+            (args.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            logger.info("done: %s", json.dumps(summary))
+        dist.barrier()
+        return summary
 
 
 def evaluate_run(argv=None) -> dict:
     """tools/evaluate.py: the newest complete checkpoint of a fine-tuning run on a split, at the run's layout of
     ranks (its expert-parallel size); prints the metrics in the paper's layout and writes VQA's results file."""
     args = parse_args(argv, evaluating=True)
-    args.image_size = saved_model_config(Path(args.run) / "checkpoints").image_size  # the resolution it trained at
-    setup = start(args)
+    start_distributed()
     checkpoints = RunCheckpoints(Path(args.run) / "checkpoints", 0)
     tag = checkpoints.newest_verified()
     if tag is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoints.dir}")
+        raise CheckpointError(f"{checkpoints.dir}: no complete checkpoint (--run names the fine-tuning run's folder)")
     states, states_path = saved_states(tag)
     config = model_config_in(states, states_path)
+    args.image_size = config.image_size  # the resolution it trained at
+    setup = start(args)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
                                                    setup.global_batch)
     ds_config.pop("scheduler", None)
