@@ -123,11 +123,9 @@ class StopRequest:
     def _record(self, signum, frame):
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-        if self._waiting:
-            self._waiting = False
-            raise StoppedWaiting(self.signal_name)
+        self._end_wait()
 
-    def _alarm(self, signum, frame):
+    def _end_wait(self, *signal_and_frame):
         if self._waiting:
             self._waiting = False
             raise StoppedWaiting(self.signal_name)
@@ -138,7 +136,7 @@ class StopRequest:
         before), the wait still ends if it lasts ``grace_s``."""
         armed = self.signal_name is not None
         if armed:
-            signal.signal(signal.SIGALRM, self._alarm)
+            signal.signal(signal.SIGALRM, self._end_wait)
             signal.setitimer(signal.ITIMER_REAL, grace_s)
         self._waiting = True
         try:

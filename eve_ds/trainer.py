@@ -287,11 +287,13 @@ class Loop:
             if bad_steps >= self.max_bad_steps > 0:
                 progress.close()
                 self.run_log.close()
+                latest = self.checkpoints.dir / "latest"
+                kept = (f"the newest checkpoint, {self.checkpoints.dir / latest.read_text().strip()}, is from "
+                        f"before them" if latest.is_file() else "no checkpoint was written before them")
                 raise TrainingDiverged(
                     f"the run diverged: {bad_steps} steps in a row up to step {step} were skipped or had a "
                     f"non-finite loss or gradient norm (loss {record['loss']:.4g}, grad_norm "
-                    f"{record['grad_norm']:.4g}); the checkpoints in {self.checkpoints.dir} are from before "
-                    f"(lower the learning rate, or raise --max-bad-steps)")
+                    f"{record['grad_norm']:.4g}); {kept} (lower the learning rate, or raise --max-bad-steps)")
             stopping = self.stop.agreed(device)
             saved = step % self.save_interval == 0 or step == self.steps or stopping
             if saved and bad_steps:

@@ -4,11 +4,13 @@ import os
 import re
 import signal
 import subprocess
+import threading
+import time
 
 import pytest
 
-from eve_ds.cluster import (EXIT_REQUEUE, StopRequest, expand_nodelist, hostnames, master_port,
-                            set_distributed_env_from_slurm)
+from eve_ds.cluster import (EXIT_REQUEUE, StopRequest, StoppedWaiting, expand_nodelist, hostnames, master_port,
+                            set_distributed_env_from_slurm, set_single_process_env)
 from tests.conftest import REPO
 
 FAKE_SLURM = REPO / "tests" / "fake_slurm"
@@ -64,6 +66,14 @@ def test_srun_task_environment():
     assert not set_distributed_env_from_slurm({"RANK": "0"})
 
 
+def test_a_plain_process_is_one_rank_of_its_own():
+    alone = {}
+    assert set_single_process_env(alone) and (alone["RANK"], alone["WORLD_SIZE"]) == ("0", "1")
+    assert alone["MASTER_ADDR"] == "127.0.0.1" and 0 < int(alone["MASTER_PORT"]) < 65536
+    for launched in ({"RANK": "1", "WORLD_SIZE": "2"}, {"SLURM_PROCID": "0"}):  # a launcher's or srun's task
+        assert not set_single_process_env(dict(launched))
+
+
 def test_stop_signals_are_recorded_not_fatal():
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -72,6 +82,30 @@ def test_stop_signals_are_recorded_not_fatal():
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signal_name == "SIGUSR1"  # the first one counts
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def test_a_stop_signal_ends_a_wait_at_once_and_one_that_came_before_after_the_grace():
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGALRM)}
+    try:
+        stop = StopRequest()
+        with stop.interruptible():
+            time.sleep(0.01)  # no signal: the wait ends as waits do
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        started = time.monotonic()
+        with pytest.raises(StoppedWaiting):
+            with stop.interruptible():
+                time.sleep(30)  # data that never comes
+        assert time.monotonic() - started < 5 and stop.signal_name == "SIGTERM"
+        with stop.interruptible(grace_s=0.3):  # the signal came during the micro-step before: data still comes
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(StoppedWaiting):
+            with stop.interruptible(grace_s=0.3):
+                time.sleep(30)
+        assert 0.25 < time.monotonic() - started < 5
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -113,6 +113,7 @@ def test_a_diverging_run_stops_with_its_last_good_checkpoints_kept(tmp_path):
     records = read_metrics(out)
     bad = [r["step"] for r in records if r["step_skipped"] or r["grad_norm"] != r["grad_norm"]]
     assert len(bad) == 3 and bad == list(range(bad[0], bad[0] + 3)) and records[-1]["step"] == bad[-1]
+    assert f"step_{bad[0] - 1:08d}, is from before them" in sentence
     assert "optimizer step skipped: 3 bad step(s) in a row" in result.stdout
     # Nothing saved from the first bad step on; the last good checkpoints are still there and verify.
     checkpoints = out / "checkpoints"
