@@ -111,40 +111,48 @@ class StoppedWaiting(BaseException):
 
 class StopRequest:
     """Records SIGUSR1/SIGTERM (SLURM's warning before a time limit, preemption, scancel) instead of dying,
-    so that the training loop can finish its step and write a checkpoint first. Inside ``interruptible()`` (a
-    rank waiting for its data) the signal raises StoppedWaiting instead: no step boundary may come."""
+    so that the training loop can finish its step and write a checkpoint first. A rank that waits for its data
+    when the signal comes (or comes to wait after it) waits ``grace_s`` more, then StoppedWaiting is raised in the
+    wait: where the data does not come (a hung filesystem), no step boundary would."""
 
-    def __init__(self):
+    def __init__(self, grace_s: float = None):
         self.signal_name = None
-        self._waiting = False
+        # EVE_DS_STOP_GRACE_S: for tests, which would otherwise wait the grace out.
+        self.grace_s = grace_s if grace_s is not None else float(os.environ.get("EVE_DS_STOP_GRACE_S", 30))
+        self._waiting = self._armed = False
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._record)
 
     def _record(self, signum, frame):
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-        self._end_wait()
+        if self._waiting:
+            self._arm()
 
-    def _end_wait(self, *signal_and_frame):
+    def _arm(self):
+        if not self._armed:
+            self._armed = True
+            signal.signal(signal.SIGALRM, self._end_wait)
+            signal.setitimer(signal.ITIMER_REAL, self.grace_s)
+
+    def _end_wait(self, signum, frame):
         if self._waiting:
             self._waiting = False
             raise StoppedWaiting(self.signal_name)
 
     @contextmanager
-    def interruptible(self, grace_s: float = 60.0):
-        """A wait that a stop signal ends. Where the signal came before the wait began (during the micro-step
-        before), the wait still ends if it lasts ``grace_s``."""
-        armed = self.signal_name is not None
-        if armed:
-            signal.signal(signal.SIGALRM, self._end_wait)
-            signal.setitimer(signal.ITIMER_REAL, grace_s)
+    def interruptible(self):
+        """A wait (for data) that a stop signal ends after ``grace_s``."""
         self._waiting = True
+        if self.signal_name is not None:
+            self._arm()
         try:
             yield
         finally:
             self._waiting = False
-            if armed:
+            if self._armed:
                 signal.setitimer(signal.ITIMER_REAL, 0)
+                self._armed = False
 
     def agreed(self, device) -> bool:
         """Whether any rank has been signalled: every rank must stop at the same step."""

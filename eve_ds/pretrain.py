@@ -52,7 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--val-interval", type=int, default=100)
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                         help="the authors' augmentation: random resized crop (50-100%% of the area) and a horizontal "
-                             "flip unless the caption names left or right")
+                             "flip unless a word of the caption begins with left or right")
+    parser.add_argument("--normalize-text", action=argparse.BooleanOptionalAction, default=False,
+                        help="normalise captions as the authors' fine-tuning does (lower case, punctuation removed, "
+                             "30 words); a caption left without a word is skipped")
     parser.add_argument("--shuffle-block", type=int, default=1000,
                         help="each reader shuffles its samples in blocks of this many (memory: one block of raw "
                              "samples per loader worker)")
@@ -256,11 +259,13 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
                     f"lines ({source.malformed_lines} malformed lines skipped)" if source.is_manifest else "shards",
                     weight)
     stream = PretrainingStream(sources, args.data_weights,
-                               MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment),
+                               MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment,
+                                             args.normalize_text),
                                micro_batch, rank, world_size, args.num_workers, args.seed, args.shuffle_block)
     position = StreamPosition(stream)
     validation = on_rank_zero(lambda: open_source(args.val_data, index_cache=args.out)) if args.val_data else None
-    validation_samples = MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, augment=False)
+    validation_samples = MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, augment=False,
+                                       normalize_text=args.normalize_text)
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)

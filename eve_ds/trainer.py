@@ -316,9 +316,9 @@ class Loop:
     def _exit_waiting(self, step: int, progress):
         progress.close()
         self.run_log.close()
-        logger.warning("stopped on %s while waiting for the data of step %d, which no step boundary would "
-                       "have ended: no checkpoint written (the run resumes from its newest complete one); "
-                       "exiting %d for a requeue", self.stop.signal_name, step, EXIT_REQUEUE)
+        logger.warning("stopped on %s while waiting for the data of step %d, which did not come within %g s: "
+                       "no checkpoint written (the run resumes from its newest complete one); exiting %d for a "
+                       "requeue", self.stop.signal_name, step, self.stop.grace_s, EXIT_REQUEUE)
         end_helper_processes()
         sys.exit(EXIT_REQUEUE)
 

@@ -22,10 +22,12 @@ def top2_combine_weights(logits, capacity_factor, min_capacity):
     return weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).eps)
 
 
-def released_forward(w, config, images=None, text_ids=None, text_padding_mask=None):
+def released_forward(w, config, images=None, text_ids=None, text_padding_mask=None, final_norm=True):
     """EVE's encoder written against the released names, in eval mode, as the authors' code computes it:
     an image-text pair, or an image alone (``images`` only: their mode 'vision') or a text alone (their
-    mode 'text'). MoE layers route top-2 on LN(x) + e_modality, and the experts compute on that sum too."""
+    mode 'text'). MoE layers route top-2 on LN(x) + e_modality, and the experts compute on that sum too.
+    ``final_norm=False``: the layers' output before the final ``norm``, as their retrieval ``forward_eval``
+    takes it (their ``forward`` and training-time ``forward_itc`` apply the norm)."""
     def norm(x, name):
         return F.layer_norm(x, x.shape[-1:], w[f"{name}.weight"], w[f"{name}.bias"], config.layer_norm_eps)
 
@@ -65,13 +67,31 @@ def released_forward(w, config, images=None, text_ids=None, text_padding_mask=No
             out = torch.cat([mlp(norm(x[:, :split], p + "norm2_imag"), p + "mlp_imag"),
                              mlp(norm(x[:, split:], p + "norm2_text"), p + "mlp_text")], 1)
         x = x + w[p + "gamma_2"] * out
-    return norm(x, "norm")
+    return norm(x, "norm") if final_norm else x
 
 
-def encode_every_mode(encoder, weights, config, inputs) -> dict:
+def released_retrieval_embeddings(w, config, projection_weight, images=None, text_ids=None, text_padding_mask=None):
+    """Their retrieval model's ``forward_eval``: the [CLS] state of the image alone (mode 'vision') or of the
+    text alone (mode 'text'), WITHOUT the final norm, through the bias-free projection, L2-normalised."""
+    hidden = released_forward(w, config, images, text_ids, text_padding_mask, final_norm=False)
+    return F.normalize(F.linear(hidden[:, 0], projection_weight), dim=-1)
+
+
+def released_gate_loss(layer_pass_losses, gateloss_weight=0.001):
+    """Their gate loss (models/model_{vqa,nlvr,retrieval}_beit.py): ``layer_pass_losses`` holds, per MoE layer,
+    the l_aux of each encoder pass of the step. Each layer sums them and divides by their number
+    (``aux_loss_vl / aux_loss_vl_i``), the layers' means are averaged (``loss / i``) and weighted."""
+    layer_means = [sum(losses) / len(losses) for losses in layer_pass_losses]
+    return gateloss_weight * sum(layer_means) / len(layer_means)
+
+
+def encode_every_mode(encoder, weights, config, inputs, final_norm=True) -> dict:
     """mode -> (EVE's hidden states, the reference's), for a pair, the image alone and the text alone."""
     images, text = inputs["images"], {key: inputs[key] for key in ("text_ids", "text_padding_mask")}
     with torch.no_grad():
-        return {"pair": (encoder(images, **text)[0], released_forward(weights, config, images, **text)),
-                "image": (encoder.encode_image(images)[0], released_forward(weights, config, images)),
-                "text": (encoder.encode_text(**text)[0], released_forward(weights, config, **text))}
+        return {"pair": (encoder(images, **text, final_norm=final_norm)[0],
+                         released_forward(weights, config, images, **text, final_norm=final_norm)),
+                "image": (encoder.encode_image(images, final_norm=final_norm)[0],
+                          released_forward(weights, config, images, final_norm=final_norm)),
+                "text": (encoder.encode_text(**text, final_norm=final_norm)[0],
+                         released_forward(weights, config, **text, final_norm=final_norm))}

@@ -87,25 +87,25 @@ def test_stop_signals_are_recorded_not_fatal():
             signal.signal(signum, handler)
 
 
-def test_a_stop_signal_ends_a_wait_at_once_and_one_that_came_before_after_the_grace():
+def test_a_stop_signal_ends_a_wait_for_data_after_its_grace_and_a_short_wait_goes_on():
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGUSR1, signal.SIGTERM, signal.SIGALRM)}
     try:
-        stop = StopRequest()
+        stop = StopRequest(grace_s=0.3)
         with stop.interruptible():
             time.sleep(0.01)  # no signal: the wait ends as waits do
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-        started = time.monotonic()
-        with pytest.raises(StoppedWaiting):
-            with stop.interruptible():
-                time.sleep(30)  # data that never comes
-        assert time.monotonic() - started < 5 and stop.signal_name == "SIGTERM"
-        with stop.interruptible(grace_s=0.3):  # the signal came during the micro-step before: data still comes
-            time.sleep(0.05)
-        started = time.monotonic()
-        with pytest.raises(StoppedWaiting):
-            with stop.interruptible(grace_s=0.3):
-                time.sleep(30)
-        assert 0.25 < time.monotonic() - started < 5
+        threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        with stop.interruptible():
+            time.sleep(0.2)  # the signal comes during a wait whose data does come: the step goes on
+        assert stop.signal_name == "SIGTERM"
+        for came_before in (False, True):
+            if not came_before:
+                stop = StopRequest(grace_s=0.3)
+                threading.Timer(0.1, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            started = time.monotonic()
+            with pytest.raises(StoppedWaiting):
+                with stop.interruptible():
+                    time.sleep(30)  # data that never comes
+            assert 0.25 < time.monotonic() - started < 5
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from eve_ds.data.dataset import (UNREADABLE_IMAGE_ERRORS, MaskedSamples, decode_image, load_image, names_left_or_right,
+from eve_ds.data.dataset import (CAPTION_WORDS, UNREADABLE_IMAGE_ERRORS, MaskedSamples, load_image,
                                   random_resized_crop_box)
 from eve_ds.data.manifest import ImageTextRecord, ManifestError, read_manifest
+from eve_ds.data.text import EmptyText, pre_caption
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import IGNORE_INDEX, MaskingConfig
 
@@ -203,17 +204,45 @@ def test_random_resized_crops_cover_half_to_all_of_the_image_at_sane_ratios():
     assert random_resized_crop_box(90, 300, rng) == (0, 105, 90, 195)  # no such crop fits: the central square
 
 
-def test_images_are_flipped_half_the_time_unless_the_caption_says_left_or_right():
+def test_images_are_flipped_half_the_time_unless_a_caption_word_begins_with_left_or_right(text_tokenizer):
     half = Image.new("RGB", (32, 32), (255, 0, 0))
     half.paste((0, 0, 255), (16, 0, 32, 32))  # red on the left, blue on the right
     buffer = io.BytesIO()
     half.save(buffer, format="PNG")
+    samples = MaskedSamples(text_tokenizer, 32, PATCH_SIZE, MaskingConfig())
 
     def red_on_the_left(caption, seed):
-        image = decode_image(buffer.getvalue(), 32, random.Random(seed), not names_left_or_right(caption))
+        # A crop spans at least 61% of the width, so the middle: its first column is red unless mirrored.
+        image = samples.make(buffer.getvalue(), caption, random.Random(seed))["images"]
         return image[0, 16, 0] > image[2, 16, 0]
 
-    assert 60 < sum(red_on_the_left("a red and a blue half", seed) for seed in range(200)) < 140
-    for caption in ("red on the left", "blue on the RIGHT", "Left: red."):
+    for caption in ("a red and a blue half", "a bright, upright copyright sign"):
+        assert 60 < sum(red_on_the_left(caption, seed) for seed in range(200)) < 140, caption
+    for caption in ("red on the left", "blue on the RIGHT", "Left: red.", "the rightmost half is blue",
+                    "the leftmost half", "LEFT", "the right-hand half"):
         assert all(red_on_the_left(caption, seed) for seed in range(50)), caption
-    assert not names_left_or_right("leftover paint, a bright spot")
+
+
+def test_captions_are_normalised_only_when_asked(text_tokenizer):
+    record = shipped_records(1)[0]
+    data, caption = record.image_path.read_bytes(), "A  RED circle -- on the left, isn't it?"
+    as_written = MaskedSamples(text_tokenizer, IMAGE_SIZE, PATCH_SIZE, MaskingConfig())
+    normalised = MaskedSamples(text_tokenizer, IMAGE_SIZE, PATCH_SIZE, MaskingConfig(), normalize_text=True)
+    plain, normal = as_written.make(data, caption, random.Random(3)), normalised.make(data, caption, random.Random(3))
+    assert torch.equal(unmasked_ids(plain), text_tokenizer.encode(caption)[0])
+    assert torch.equal(unmasked_ids(normal), text_tokenizer.encode("a red circle on the left isnt it")[0])
+    assert torch.equal(plain["images"], normal["images"])  # same crop and flip: the rule reads the caption as written
+    long = " ".join(f"w{n}" for n in range(45))
+    assert torch.equal(unmasked_ids(normalised.make(data, long, random.Random(0))),
+                       text_tokenizer.encode(pre_caption(long, CAPTION_WORDS))[0])
+    with pytest.raises(EmptyText):
+        normalised.make(data, "?!", random.Random(0))
+    assert issubclass(EmptyText, UNREADABLE_IMAGE_ERRORS)  # the stream skips it (today counted as unreadable)
+
+
+def test_pretraining_takes_normalize_text_off_by_default():
+    from eve_ds.pretrain import parse_args
+    config = ["--deepspeed_config", "ds_configs/zero3.json"]
+    assert parse_args(config).normalize_text is False
+    assert parse_args([*config, "--normalize-text"]).normalize_text is True
+    assert parse_args([*config, "--no-normalize-text"]).normalize_text is False

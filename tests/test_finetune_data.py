@@ -1,5 +1,6 @@
 """Tests for eve_ds/finetune/annotations.py (readers of VQA v2, NLVR2 and Karpathy-split files) and
 eve_ds/finetune/datasets.py (their tensors); the shipped tiny examples: test_finetune_examples.py."""
+import argparse
 import json
 import logging
 from collections import Counter
@@ -10,12 +11,14 @@ import torch
 from PIL import Image
 
 from eve_ds.data.dataset import load_image
+from eve_ds.data.text import pre_caption, pre_question
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.finetune.annotations import (CaptionedImage, FinetuneDataError, NLVR2Example, VQAQuestion, answer_index,
                                          build_answer_list, read_answer_list, read_karpathy, read_nlvr2, read_vqa)
 from eve_ds.finetune.datasets import (TEXT_LENGTH, NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset,
                                       may_flip)
 from eve_ds.finetune.metrics import retrieval_recall
+from eve_ds.finetune.tasks import add_data_arguments, load_task
 from tests.conftest import SHAPES
 
 IMAGE_SIZE = 32
@@ -122,24 +125,44 @@ def test_flip_rule_never_mirrors_a_question_or_answer_naming_a_side(tmp_path, to
     image = write_image(tmp_path / "a.png")
     questions = [VQAQuestion(1, image, "What is on the left?", ("dog", )),
                  VQAQuestion(2, image, "Where is the dog?", ("on the Right", )),
-                 VQAQuestion(3, image, "Is the sky bright?", ("yes", ))]  # "bright" names no side
-    dataset = VQADataset(questions, ["dog", "on the right", "yes"], tokenizer, IMAGE_SIZE, train=True, seed=3)
+                 VQAQuestion(3, image, "What is on the rightmost shelf?", ("dog", )),
+                 VQAQuestion(4, image, "Where is the dog?", ("LEFTMOST", "dog")),
+                 VQAQuestion(5, image, "Is the sky bright?", ("yes", ))]  # "bright" names no side
+    answers = ["dog", "on the right", "yes", "leftmost"]
+    dataset = VQADataset(questions, answers, tokenizer, IMAGE_SIZE, train=True, seed=3)
     unflipped = load_image(image, IMAGE_SIZE)
-    flips = {index: [] for index in range(3)}
+    flips = {index: [] for index in range(5)}
     for epoch in range(16):
         dataset.set_epoch(epoch)
-        for index in range(3):
+        for index in range(5):
             flips[index].append(dataset.flips(index))
             expected = unflipped.flip(-1) if flips[index][-1] else unflipped
             assert torch.equal(dataset[index]["images"], expected)
 
-    assert [may_flip(question) for question in questions] == [False, False, True]
-    assert not any(flips[0]) and not any(flips[1])
-    assert any(flips[2]) and not all(flips[2])
+    assert [may_flip(question) for question in questions] == [False, False, False, False, True]
+    assert not any(flips[0] + flips[1] + flips[2] + flips[3])
+    assert any(flips[4]) and not all(flips[4])
     dataset.set_epoch(5)
-    assert dataset.flips(2) == flips[2][5]  # drawn from (seed, epoch, index): reproducible
-    evaluation = VQADataset(questions, ["dog", "on the right", "yes"], tokenizer, IMAGE_SIZE, train=False, seed=3)
-    assert not any(evaluation.flips(index) for index in range(3))
+    assert dataset.flips(4) == flips[4][5]  # drawn from (seed, epoch, index): reproducible
+    evaluation = VQADataset(questions, answers, tokenizer, IMAGE_SIZE, train=False, seed=3)
+    assert not any(evaluation.flips(index) for index in range(5))
+
+
+def test_vqa_questions_are_normalised_as_the_authors_30_words_in_training_50_in_evaluation(tmp_path, tokenizer):
+    image = write_image(tmp_path / "a.png")
+    long = "Is " + " ".join(f"shape{n}," for n in range(60)) + " red?"
+    questions = [VQAQuestion(1, image, "What's the  Colour (of the circle)?", ("red", )),
+                 VQAQuestion(2, image, long, ("red", ))]
+    training = VQADataset(questions, ["red"], tokenizer, IMAGE_SIZE, train=True)
+    evaluation = VQADataset(questions, ["red"], tokenizer, IMAGE_SIZE, train=False)
+    as_written = VQADataset(questions, ["red"], tokenizer, IMAGE_SIZE, train=True, normalize_text=False)
+
+    assert training.texts[0] == evaluation.texts[0] == "whats the  colour of the circle"
+    assert training.texts[1] == pre_question(long, 30) and len(training.texts[1].split(" ")) == 30
+    assert evaluation.texts[1] == pre_question(long, 50) and len(evaluation.texts[1].split(" ")) == 50
+    assert torch.equal(training[0]["text_ids"], tokenizer.encode("whats the  colour of the circle")[0])
+    assert as_written.texts == [question.question for question in questions]
+    assert training.questions == questions  # the records keep the text as written
 
 
 def test_read_vqa_counts_and_skips_each_kind_of_bad_entry(tmp_path, caplog):
@@ -243,6 +266,24 @@ def test_nlvr2_items_hold_both_images_and_the_label(tmp_path, tokenizer):
     assert item["labels"] == 1 and item["text_ids"].shape == (TEXT_LENGTH, )
 
 
+def test_nlvr2_sentences_are_normalised_to_40_words_and_empty_ones_left_out(tmp_path, tokenizer):
+    left, right = write_image(tmp_path / "l.png"), write_image(tmp_path / "r.png")
+    long = " ".join(f"Word{n}" for n in range(45)) + "."
+    examples = [NLVR2Example("dev-1-0-0", left, right, "The LEFT image: two dogs!", 1),
+                NLVR2Example("dev-1-0-1", left, right, "...", 0),
+                NLVR2Example("dev-1-0-2", left, right, long, 0)]
+
+    dataset = NLVR2Dataset(examples, tokenizer, IMAGE_SIZE, problems=Counter(missing_image=1))
+
+    assert dataset.sentences == ["the left image two dogs", pre_caption(long, 40)]
+    assert len(dataset.sentences[1].split()) == 40
+    assert [example.identifier for example in dataset.examples] == ["dev-1-0-0", "dev-1-0-2"] and len(dataset) == 2
+    assert dataset.problems == Counter(missing_image=1, empty_once_normalised=1)
+    assert torch.equal(dataset[0]["text_ids"], tokenizer.encode("the left image two dogs")[0])
+    as_written = NLVR2Dataset(examples, tokenizer, IMAGE_SIZE, normalize_text=False)
+    assert as_written.sentences == [example.sentence for example in examples]
+
+
 # ---------------------------------------------------------------- Karpathy splits
 
 
@@ -301,12 +342,44 @@ def test_retrieval_datasets_pair_captions_with_their_images(tmp_path, tokenizer)
     assert len(train) == 6 and [train[i]["image_ids"] for i in range(6)] == [0, 0, 1, 2, 2, 2]
     assert torch.equal(train[2]["images"], load_image(images[1].image_path, IMAGE_SIZE))
     assert evaluation.text_image.tolist() == [0, 0, 1, 2, 2, 2]
-    assert evaluation.captions[3] == "Grey." and evaluation.problems == Counter(missing_image=1)
+    assert evaluation.captions[3] == "grey" and evaluation.problems == Counter(missing_image=1)
     assert len(evaluation.images) == 3 and evaluation.images[2]["image_ids"] == 2
     assert [evaluation.texts[t]["image_ids"] for t in range(6)] == [0, 0, 1, 2, 2, 2]
     assert evaluation.texts[0]["text_ids"].shape == (TEXT_LENGTH, )
     perfect = (torch.arange(3)[:, None] == evaluation.text_image[None, :]).float()
     assert retrieval_recall(perfect, evaluation.text_image, ks=(1, ))["r_mean"] == 100.0
+
+
+def test_retrieval_captions_are_normalised_to_30_words_and_empty_ones_dropped(tmp_path, tokenizer):
+    long = " ".join(f"Word{n}" for n in range(35))
+    images = [CaptionedImage(write_image(tmp_path / "a.png"), ("A  Red square.", "?!", long)),
+              CaptionedImage(write_image(tmp_path / "b.png"), ("...", )),  # no caption left: the image goes too
+              CaptionedImage(write_image(tmp_path / "c.png"), ("Grey <person>.", ))]
+
+    train = RetrievalTrainDataset(images, tokenizer, IMAGE_SIZE)
+    evaluation = RetrievalEvalSet(images, tokenizer, IMAGE_SIZE)
+
+    expected = ["a red square", pre_caption(long, 30), "grey person"]
+    assert [caption for _, caption in train.pairs] == evaluation.captions == expected
+    assert len(expected[1].split()) == 30
+    assert [image_index for image_index, _ in train.pairs] == evaluation.text_image.tolist() == [0, 0, 1]
+    assert evaluation.image_paths == [images[0].image_path, images[2].image_path]
+    assert train.problems == evaluation.problems == Counter(empty_once_normalised=2, image_without_captions=1)
+    assert torch.equal(evaluation.texts[0]["text_ids"], tokenizer.encode("a red square")[0])
+    as_written = RetrievalEvalSet(images, tokenizer, IMAGE_SIZE, normalize_text=False)
+    assert as_written.captions == [caption for image in images for caption in image.captions]
+
+
+def test_load_task_normalises_text_unless_told_not_to(tokenizer):
+    parser = argparse.ArgumentParser()
+    add_data_arguments(parser)
+    normalised = load_task("nlvr2", parser.parse_args([]), tokenizer, IMAGE_SIZE, seed=0)
+    as_written = load_task("nlvr2", parser.parse_args(["--no-normalize-text"]), tokenizer, IMAGE_SIZE, seed=0)
+    sentence = as_written.train.sentences[0]
+    assert sentence == as_written.train.examples[0].sentence and sentence != sentence.lower()
+    assert normalised.train.sentences[0] == pre_caption(sentence, 40)
+    retrieval = load_task("retrieval", parser.parse_args([]), tokenizer, IMAGE_SIZE, seed=0)
+    assert all(caption == pre_caption(caption, 30) for caption in retrieval.evaluation.captions)
 
 
 # ---------------------------------------------------------------- files that are missing or not in the layout

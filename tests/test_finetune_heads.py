@@ -12,15 +12,19 @@ import torch
 import torch.nn.functional as F
 
 from eve_ds.checkpoint.pretrained import save_pretrained
+from eve_ds.checkpoint.released import backbone, to_released
 from eve_ds.config import preset
 from eve_ds.finetune.metrics import rerank, retrieval_recall
 from eve_ds.finetune.nlvr2 import NLVR2Model
 from eve_ds.finetune.optim import param_groups
-from eve_ds.finetune.retrieval import (RetrievalModel, contrastive_loss, gather_with_grad, sample_hard_negatives)
+from eve_ds.finetune.retrieval import (TEMPERATURE_RANGE, RetrievalModel, clamp_temperature, contrastive_loss,
+                                       gather_with_grad, sample_hard_negatives)
 from eve_ds.finetune.vqa import VQAModel
 from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO, free_port
+from tests.released_reference import released_gate_loss, released_retrieval_embeddings
+from tests.test_model import record_moe_losses
 
 # Small images and texts keep each pass to a few milliseconds. A capacity factor of num_experts keeps every
 # route (no drops), so that passes of different sizes compute the same per-sample outputs.
@@ -62,8 +66,10 @@ def retrieval_batch():
 def test_vqa_logits_and_loss_by_hand():
     torch.manual_seed(0)
     model = VQAModel(CONFIG, num_answers=7).eval()
+    layer_losses = record_moe_losses(model.encoder)
     batch = vqa_batch()
     out = model(**batch)
+    torch.testing.assert_close(out["aux_loss"], released_gate_loss(layer_losses, gateloss_weight=1.0))
     assert out["logits"].shape == (3, 7) and out["prediction"].tolist() == out["logits"].argmax(-1).tolist()
 
     hidden, _ = model.encoder(batch["images"], batch["text_ids"], batch["text_padding_mask"])
@@ -83,9 +89,13 @@ def test_vqa_logits_and_loss_by_hand():
 def test_nlvr2_one_pass_gives_the_logits_of_two_passes():
     torch.manual_seed(0)
     model = NLVR2Model(CONFIG).eval()
+    layer_losses = record_moe_losses(model.encoder)
     batch = nlvr2_batch()
     out = model(**batch)
     assert out["logits"].shape == (3, 2) and out["prediction"].shape == (3, )
+    # The loss adds the authors' gate loss: 0.001 x the mean over MoE layers (of the one pass here).
+    assert [len(losses) for losses in layer_losses] == [1, 1]
+    torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(layer_losses))
 
     cls_states = [model.encoder(batch["images"][:, side], batch["text_ids"], batch["text_padding_mask"])[0]
                   [:, CONFIG.num_image_tokens] for side in (0, 1)]
@@ -148,8 +158,14 @@ def test_retrieval_outputs_and_evaluation_helpers():
     text_embeddings = model.text_embeddings(batch["text_ids"], batch["text_padding_mask"])
     assert image_embeddings.shape == (4, CONFIG.hidden_size) and text_embeddings.shape == (6, CONFIG.hidden_size)
     torch.testing.assert_close(text_embeddings.norm(dim=-1), torch.ones(6))
-    # The ITC logits are the cosine similarities over the temperature.
-    itc = contrastive_loss(model.image_embeddings(batch["images"]) @ text_embeddings.t() / 0.07, batch["image_ids"])
+    # The ITC logits are the cosine similarities over the temperature, of the [CLS] states after the final norm
+    # (the authors' forward_itc).
+    with torch.no_grad():
+        image_cls = model.encoder.encode_image(batch["images"])[0][:, 0]
+        text_cls = model.encoder.encode_text(batch["text_ids"], batch["text_padding_mask"])[0][:, 0]
+    image_features = F.normalize(model.image_projection(image_cls), dim=-1)
+    text_features = F.normalize(model.text_projection(text_cls), dim=-1)
+    itc = contrastive_loss(image_features @ text_features.t() / 0.07, batch["image_ids"])
     torch.testing.assert_close(out["itc_loss"], itc, rtol=1e-5, atol=1e-5)
 
     scores = model.match_scores(batch["images"][:2], batch["text_ids"][:2], batch["text_padding_mask"][:2])
@@ -165,12 +181,83 @@ def test_retrieval_outputs_and_evaluation_helpers():
     assert 0 <= recall["r_mean"] <= 100
 
 
-def test_temperature_is_clamped():
-    model = RetrievalModel(CONFIG)
-    with torch.no_grad():
-        model.temperature.fill_(1e-5)
+def test_retrieval_evaluation_embeddings_are_the_authors_forward_eval():
+    """Their forward_eval projects the image-only / text-only [CLS] state WITHOUT the final norm."""
     torch.manual_seed(0)
-    assert model(**retrieval_batch())["temperature"] == pytest.approx(0.001)
+    model = RetrievalModel(CONFIG).eval()
+    with torch.no_grad():  # a fresh final norm is the identity up to standardisation; make it matter
+        model.encoder.norm.weight.normal_(1.0, 0.5)
+        model.encoder.norm.bias.normal_(0.0, 0.5)
+    weights, _ = backbone(to_released(model.encoder.state_dict(), CONFIG))
+    batch = retrieval_batch()
+    text = {"text_ids": batch["text_ids"], "text_padding_mask": batch["text_padding_mask"]}
+    image_reference = released_retrieval_embeddings(weights, CONFIG, model.image_projection.weight, batch["images"])
+    text_reference = released_retrieval_embeddings(weights, CONFIG, model.text_projection.weight, **text)
+    torch.testing.assert_close(model.image_embeddings(batch["images"]), image_reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.text_embeddings(**text), text_reference, rtol=1e-4, atol=1e-5)
+    # What the contrastive loss is trained on (after the norm) is another thing.
+    with torch.no_grad():
+        normed = F.normalize(model.image_projection(model.encoder.encode_image(batch["images"])[0][:, 0]), dim=-1)
+    assert (normed - image_reference).abs().max() > 0.05
+
+
+def test_retrieval_gate_loss_weights_the_authors_five_passes():
+    """The authors' retrieval model runs five encoder passes (image alone, text alone, ITM positives, ITM negative
+    images, ITM negative texts), each MoE layer averages its l_aux over them and the layers are averaged. Here
+    the three ITM passes are one pass of three times the pairs, which stands for the three."""
+    torch.manual_seed(0)
+    model = RetrievalModel(CONFIG).eval()
+    layer_losses = record_moe_losses(model.encoder)
+    out = model(**retrieval_batch())
+    assert [len(losses) for losses in layer_losses] == [3, 3]  # image, text, joint
+    five_passes = [[image, text, joint, joint, joint] for image, text, joint in layer_losses]
+    torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(five_passes))
+
+
+def test_temperature_below_its_bound_is_used_at_the_bound_and_still_gets_a_gradient():
+    """The authors clamp the parameter in place, so its gradient is that of the clamped value; a clamp of the
+    value alone would give a parameter below 0.001 no gradient, and it would stay there."""
+    torch.manual_seed(0)
+    model = RetrievalModel(CONFIG).eval()
+    with torch.no_grad():
+        model.temperature.fill_(1e-4)
+    out = model(**retrieval_batch())
+    assert out["temperature"] == pytest.approx(0.001)
+    out["loss"].backward()
+    assert model.temperature.grad.item() < 0  # at 0.001 on random features the loss wants a larger temperature
+
+
+def _optimise_temperature(start, image_features, text_features, steps=300, lr=1e-4):
+    """AdamW (the authors' betas and weight decay) on the temperature alone of a fixed contrastive problem."""
+    temperature = torch.nn.Parameter(torch.tensor([start]))
+    optimizer = torch.optim.AdamW([temperature], lr=lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.01)
+    image_ids = torch.arange(len(image_features))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        logits = image_features @ text_features.t() / clamp_temperature(temperature)
+        contrastive_loss(logits, image_ids).backward()
+        optimizer.step()
+    return temperature.item()
+
+
+def test_temperature_climbs_back_from_below_its_bound():
+    generator = torch.Generator().manual_seed(0)
+    image_features = F.normalize(torch.randn(16, 8, generator=generator), dim=-1)
+    text_features = F.normalize(torch.randn(16, 8, generator=generator), dim=-1)  # unrelated: wants a soft match
+    assert _optimise_temperature(0.0005, image_features, text_features) > 2 * TEMPERATURE_RANGE[0]
+
+
+def test_temperature_does_not_drift_far_past_its_bound():
+    """Features that match perfectly want the temperature ever lower. Past the bound the gradient stops (as the
+    authors' in-place clamp stops it), so the parameter goes no further than the optimizer's momentum carries
+    it (a dozen steps here), where a plain straight-through clamp would carry it 300 steps down."""
+    angles = torch.arange(64) * 2 * math.pi / 64  # neighbours close enough that the gradient does not underflow
+    features = torch.stack([angles.cos(), angles.sin()], dim=1)
+    lr, low = 1e-4, TEMPERATURE_RANGE[0]
+    final = _optimise_temperature(0.002, features, features, lr=lr)
+    assert low - 20 * lr < final < low
+    value = torch.tensor([final], requires_grad=True)
+    assert clamp_temperature(value).item() == pytest.approx(low)
 
 
 @pytest.mark.parametrize("build, batch", [(lambda: VQAModel(CONFIG, num_answers=7), vqa_batch),

@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from eve_ds.config import ConfigError, preset
-from eve_ds.finetune.optim import lr_factor, lr_scheduler, param_groups
+from eve_ds.finetune.nlvr2 import NLVR2Model
+from eve_ds.finetune.optim import authors_names, lr_factor, lr_scheduler, param_groups
 from eve_ds.finetune.recipes import MODELS, TASKS, recipe
 from eve_ds.finetune.retrieval import RetrievalModel
 from eve_ds.finetune.vqa import VQAModel
+from eve_ds.model import ExpertPlacement
 from tests.conftest import REPO, free_port
 
 CONFIG = preset("eve-tiny").replace(image_size=32, max_text_len=12)
@@ -56,7 +58,7 @@ def test_unknown_recipes_name_the_bad_part(task, model, message):
     assert set(MODELS) == {"eve-tiny", "eve-base", "eve-large"}
 
 
-def test_param_groups_exempt_biases_and_norms_and_scale_new_parameters():
+def test_param_groups_scale_new_parameters_and_keep_experts_apart():
     model = RetrievalModel(CONFIG)
     groups = param_groups(model, lr=2e-5, weight_decay=0.01, lr_multiplier=10)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -68,13 +70,10 @@ def test_param_groups_exempt_biases_and_norms_and_scale_new_parameters():
         assert group["params"], group["name"]
         assert all((n in new) == (group["lr_scale"] == 10) for n in group_names)
         assert group["lr"] == pytest.approx(2e-5 * group["lr_scale"])
-        if group["weight_decay"] > 0:
-            assert not any(n.endswith(("bias", "norm.weight", "norm1.weight", "gamma1", "temperature"))
-                           for n in group_names)
         # Experts keep their own groups (for expert parallelism), with the decay of the group they came from.
         assert all(("deepspeed_experts" in n) == bool(group.get("moe")) for n in group_names)
     by_name = {names[id(p)]: group for group in groups for p in group["params"]}
-    assert by_name["temperature"]["weight_decay"] == 0 and by_name["temperature"]["lr_scale"] == 10
+    assert by_name["temperature"]["weight_decay"] == 0.01 and by_name["temperature"]["lr_scale"] == 10
     assert by_name["itm_head.bias"]["weight_decay"] == 0 and by_name["itm_head.weight"]["weight_decay"] == 0.01
     projection = by_name["image_projection.weight"]
     assert projection["weight_decay"] == 0.01 and projection["lr_scale"] == 10
@@ -85,6 +84,95 @@ def test_param_groups_exempt_biases_and_norms_and_scale_new_parameters():
 
     with pytest.raises(ValueError, match="not parameters of the model"):
         param_groups(model, lr=1e-4, weight_decay=0.01, new_parameter_names={"head.weight"})
+
+
+def _authors_parameter_names(task: str) -> list:
+    """Every parameter of the authors' task model for CONFIG, written out from their models/multiway_transformer.py,
+    models/layer.py, models/sharded_moe.py and models/model_{vqa,nlvr,retrieval}_beit.py (MoE layers with type
+    routing, the others with an image and a text FFN; NLVR2 without --biattn). Also mask_embed_vision, which only
+    their pre-training model has and eve-ds's encoder keeps; not their retrieval model's unused itc_vl_* heads."""
+    backbone = ["patch_embed.weight", "patch_embed.bias", "class_embedding_vision", "pos_embed_vision",
+                "type_embed_vision", "mask_embed_vision", "word_embedding.weight", "layer_norm_text.weight",
+                "layer_norm_text.bias", "pos_embed_text", "type_embed_text", "pre_layrnorm.weight", "pre_layrnorm.bias",
+                "norm.weight", "norm.bias"]
+    for layer in range(CONFIG.num_layers):
+        block = ["norm1.weight", "norm1.bias", "attn.q_bias", "attn.v_bias", "attn.qkv.weight", "attn.proj.weight",
+                 "attn.proj.bias", "gamma_1", "gamma_2"]
+        if layer in CONFIG.moe_layers:
+            block += ["norm2_vl.weight", "norm2_vl.bias", "mlp_moe.moe.gate.wg.weight", "mlp_moe.moe.vision_embed",
+                      "mlp_moe.moe.text_embed"]
+            block += [f"mlp_moe.moe.experts.experts.{expert}.{fc}.{kind}" for expert in range(CONFIG.num_experts)
+                      for fc in ("fc1", "fc2") for kind in ("weight", "bias")]
+        else:
+            block += [f"{module}.{kind}" for module in ("norm2_imag", "mlp_imag.fc1", "mlp_imag.fc2", "norm2_text",
+                                                        "mlp_text.fc1", "mlp_text.fc2") for kind in ("weight", "bias")]
+        backbone += [f"encoder.layers.{layer}.{name}" for name in block]
+    heads = {"vqa": [f"output.{index}.{kind}" for index in (0, 1, 3) for kind in ("weight", "bias")],
+             "retrieval": ["itc_vision_proj_head.weight", "itc_text_proj_head.weight", "itc_temp", "itm_head.weight",
+                           "itm_head.bias"]}
+    heads["nlvr2"] = heads["vqa"]
+    return ["backbone." + name for name in backbone] + heads[task]
+
+
+def _authors_rule_decays(name: str) -> bool:
+    """ssyze/EVE optim.py: no decay where any of these is a substring of the name."""
+    no_decay = {"bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+                "norm1.weight", "norm2.bias", "norm2.weight"}
+    return not any(pattern in name for pattern in no_decay)
+
+
+TASK_MODELS = {"vqa": lambda: VQAModel(CONFIG, num_answers=3), "nlvr2": lambda: NLVR2Model(CONFIG),
+               "retrieval": lambda: RetrievalModel(CONFIG)}
+
+
+def _decays(groups: list, model) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: group["weight_decay"] > 0 for group in groups for p in group["params"]}
+
+
+@pytest.mark.parametrize("task", TASK_MODELS)
+def test_weight_decay_follows_the_authors_rule_on_their_names(task):
+    model = TASK_MODELS[task]()
+    decays = _decays(param_groups(model, lr=1e-4, weight_decay=0.01, lr_multiplier=10), model)
+    theirs = authors_names(model)
+    reference = _authors_parameter_names(task)
+    translated = [name for ours in decays for name in theirs[ours]]
+    assert sorted(translated) == sorted(reference)  # one eve-ds parameter for each of theirs (a pair for two)
+    assert {name for ours, decay in decays.items() if decay for name in theirs[ours]} == \
+        {name for name in reference if _authors_rule_decays(name)}
+    assert {name for ours, decay in decays.items() if not decay for name in theirs[ours]} == \
+        {name for name in reference if not _authors_rule_decays(name)}
+
+    moe, dense = f"encoder.blocks.{CONFIG.moe_layers[0]}.", "encoder.blocks.0."
+    expected = {
+        "encoder.text_pos": True, "encoder.image_pos": True, "encoder.image_cls": True,
+        "encoder.modality_type_embed": True, "encoder.token_embed.weight": True, "encoder.vision_mask_embed": True,
+        "encoder.token_norm.weight": True, "encoder.token_norm.bias": False,  # their layer_norm_text: no "norm."
+        "encoder.embed_norm.weight": False, "encoder.norm.weight": False,  # pre_layrnorm.weight holds "norm.weight"
+        dense + "gamma1": True, dense + "gamma2": True, dense + "norm1.weight": False, dense + "norm1.bias": False,
+        dense + "ffn.vision_norm.weight": True, dense + "ffn.text_norm.weight": True,  # norm2_imag, norm2_text
+        dense + "ffn.vision_norm.bias": False, dense + "attn.q_bias": False, dense + "attn.proj.bias": False,
+        dense + "attn.qkv.weight": True, moe + "norm2.weight": True,  # their norm2_vl.weight
+        moe + "ffn.deepspeed_moe.gate.modality_embed": True, moe + "ffn.deepspeed_moe.gate.wg.weight": True,
+        moe + "ffn.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight": True,
+        moe + "ffn.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias": False,
+    }
+    expected.update({"head.0.weight": True, "head.0.bias": False, "head.1.weight": True, "head.1.bias": False}
+                    if task != "retrieval" else
+                    {"temperature": True, "image_projection.weight": True, "itm_head.weight": True,
+                     "itm_head.bias": False})
+    assert {name: decays[name] for name in expected} == expected
+
+
+def test_weight_decay_of_a_share_of_the_experts_and_of_unknown_parameters():
+    whole = VQAModel(CONFIG, num_answers=3)
+    share = VQAModel(CONFIG, ExpertPlacement(CONFIG.num_experts, ep_size=2, ep_rank=1), num_answers=3)
+    whole_decays = _decays(param_groups(whole, lr=1e-4, weight_decay=0.01), whole)
+    assert _decays(param_groups(share, lr=1e-4, weight_decay=0.01), share).items() <= whole_decays.items()
+
+    whole.register_parameter("extra_scale", torch.nn.Parameter(torch.ones(3)))
+    with pytest.raises(ValueError, match="'extra_scale' has no counterpart in the authors' task models"):
+        param_groups(whole, lr=1e-4, weight_decay=0.01, new_parameter_names=set())
 
 
 def test_frozen_parameters_are_left_out():

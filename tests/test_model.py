@@ -130,3 +130,39 @@ def test_a_bf16_model_takes_the_fp32_batch_and_scores_against_fp32_pixels():
     assert bf16["image_loss"].dtype == torch.float32
     assert bf16["image_loss"].item() == pytest.approx(fp32["image_loss"].item(), rel=0.02)
     assert bf16["text_loss"].item() == pytest.approx(fp32["text_loss"].item(), rel=0.02)
+
+
+def record_moe_losses(encoder):
+    """Hooks that append each MoE layer's load-balancing loss at every call: a list per MoE layer."""
+    losses = [[] for _ in encoder.moe_layers()]
+    for layer_losses, moe in zip(losses, encoder.moe_layers()):
+        moe.register_forward_hook(lambda module, args, output, record=layer_losses: record.append(output[1].detach()))
+    return losses
+
+
+def test_aux_loss_is_the_mean_over_moe_layers():
+    """The authors average their gate loss over the MoE layers (models/model_*_beit.py: ``loss / i``), so its
+    weight does not grow with the number of MoE layers (2 on eve-base, 3 on eve-large)."""
+    config = preset("eve-tiny").replace(capacity_factor=8.0, eval_capacity_factor=8.0)
+    assert len(config.moe_layers) == 2
+    torch.manual_seed(0)
+    model = EVE(config).eval()
+    losses = record_moe_losses(model)
+    inputs = batch(config)
+    _, aux_loss = model(inputs["images"], inputs["text_ids"], inputs["text_padding_mask"])
+    (first, ), (second, ) = losses
+    assert first > 0 and second > 0 and not torch.isclose(first, second)
+    torch.testing.assert_close(aux_loss, (first + second) / 2)
+
+
+def test_final_norm_is_the_last_step():
+    config = preset("eve-tiny").replace(capacity_factor=8.0, eval_capacity_factor=8.0)
+    torch.manual_seed(0)
+    model = EVE(config).eval()
+    with torch.no_grad():
+        model.norm.weight.normal_(1.0, 0.5)  # a fresh norm's weight is all ones
+    images = batch(config)["images"]
+    normed, aux_loss = model.encode_image(images)
+    unnormed, unnormed_aux_loss = model.encode_image(images, final_norm=False)
+    torch.testing.assert_close(model.norm(unnormed), normed)
+    assert (unnormed - normed).abs().max() > 0.1 and aux_loss == unnormed_aux_loss

@@ -2,7 +2,8 @@ import torch
 
 from eve_ds.config import preset
 from eve_ds.objectives import MaskedSignalModeling, normalized_pixel_targets, patchify
-from tests.test_model import batch
+from tests.released_reference import released_gate_loss
+from tests.test_model import batch, record_moe_losses
 
 
 def test_patchify_is_raster_order_of_patches():
@@ -49,3 +50,15 @@ def test_image_loss_is_mse_over_masked_patches():
     mask = inputs["image_mask"]
     expected = ((prediction - target)**2).mean(-1)[mask].mean()
     torch.testing.assert_close(model(**inputs)["image_loss"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_pre_training_weights_the_aux_loss_as_the_authors_gate_loss():
+    """0.001 x the mean over MoE layers (the authors' gate loss), not 0.001 x their sum."""
+    config = preset("eve-tiny")
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config).eval()
+    layer_losses = record_moe_losses(model.encoder)
+    outputs = model(**batch(config))
+    assert len(layer_losses) == 2
+    torch.testing.assert_close(config.aux_loss_weight * outputs["aux_loss"], released_gate_loss(layer_losses))
+    assert outputs["loss"] == outputs["image_loss"] + outputs["text_loss"] + 0.001 * outputs["aux_loss"]

@@ -72,8 +72,9 @@ def test_export_computes_what_the_released_names_say(consolidated, tmp_path):
     assert result.returncode == 0, result.stderr
     weights, _ = backbone(torch.load(tmp_path / "released.pth", weights_only=True))
     encoder = EVE.from_pretrained(consolidated).eval()
-    for mode, (ours, theirs) in encode_every_mode(encoder, weights, CONFIG, batch(CONFIG)).items():
-        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=mode)
+    for final_norm in (True, False):  # also before the final norm, where their retrieval evaluation reads
+        for mode, (ours, theirs) in encode_every_mode(encoder, weights, CONFIG, batch(CONFIG), final_norm).items():
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5, msg=f"{mode}, final norm {final_norm}")
 
 
 def test_import_computes_the_authors_function_in_every_mode(consolidated, tmp_path):

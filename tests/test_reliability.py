@@ -147,8 +147,8 @@ def test_a_stop_signal_ends_a_wait_for_data_that_never_comes(tmp_path):
     (folder / "index.json").write_text(json.dumps({"shards": {"00000.tar": 8}}))
     command = pretrain_command(tmp_path, tmp_path / "run", "--data", folder / "00000.tar", "--tokenizer",
                                SHAPES / "tokenizer.json", "--num-workers", 1)
-    process = subprocess.Popen(command, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+    process = subprocess.Popen(command, env={**environment(), "EVE_DS_STOP_GRACE_S": "2"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
     output = ""
     for line in process.stdout:
         output += line

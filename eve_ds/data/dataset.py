@@ -1,7 +1,6 @@
 """One pre-training sample from an image and its caption: decoding, the authors' augmentation, masks."""
 import io
 import math
-import re
 import warnings
 from pathlib import Path
 
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eve_ds.data.text import may_mirror, pre_caption
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import MaskingConfig, block_patch_mask, mask_text, random_patch_mask
 
@@ -38,13 +38,11 @@ def load_image(path, size: int) -> torch.Tensor:
 
 
 # The authors' pre-training augmentation for pixel targets: a random crop of 50-100% of the area (aspect
-# ratio 3/4-4/3) resized bicubically, and a horizontal flip unless the caption says left or right.
+# ratio 3/4-4/3) resized bicubically, and a horizontal flip unless the caption names a side (``text.may_mirror``).
 CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
-_LEFT_OR_RIGHT = re.compile(r"\b(left|right)\b", re.IGNORECASE)
-
-
-def names_left_or_right(text: str) -> bool:
-    return bool(_LEFT_OR_RIGHT.search(text))
+# With ``normalize_text``, captions are cut to this many words, the authors' limit for captions in fine-tuning
+# (their pre-training loader is not released).
+CAPTION_WORDS = 30
 
 
 def random_resized_crop_box(width: int, height: int, rng) -> tuple:
@@ -83,20 +81,25 @@ def decode_image(data: bytes, size: int, rng=None, flip_allowed: bool = True) ->
 
 class MaskedSamples:
     """Turns (image bytes, caption, rng) into a masked-signal-modeling sample; every random choice (crop,
-    flip, image mask, text mask) is drawn from the caller's rng, seeded per sample."""
+    flip, image mask, text mask) is drawn from the caller's rng, seeded per sample. With ``normalize_text``, the
+    caption is normalised as the authors' ``pre_caption`` does (``text.py``) to CAPTION_WORDS words."""
 
     def __init__(self, tokenizer: TextTokenizer, image_size: int, patch_size: int, masking: MaskingConfig,
-                 augment: bool = True):
+                 augment: bool = True, normalize_text: bool = False):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.grid_size = image_size // patch_size
         self.masking = masking
         self.augment = augment
+        self.normalize_text = normalize_text
 
     def make(self, image_data: bytes, caption: str, rng) -> dict:
-        """Raises one of UNREADABLE_IMAGE_ERRORS for an image that cannot be decoded."""
-        image = decode_image(image_data, self.image_size, rng if self.augment else None,
-                             flip_allowed=not names_left_or_right(caption))
+        """Raises one of UNREADABLE_IMAGE_ERRORS for an image that cannot be decoded, and ``text.EmptyText`` (a
+        ValueError) for a caption that normalisation leaves empty. The flip rule reads the caption as written."""
+        flip_allowed = may_mirror(caption)
+        if self.normalize_text:
+            caption = pre_caption(caption, CAPTION_WORDS)
+        image = decode_image(image_data, self.image_size, rng if self.augment else None, flip_allowed=flip_allowed)
         num_patches = self.grid_size**2
         num_masked = round(self.masking.image_mask_ratio * num_patches)
         if self.masking.image_masking == "block":

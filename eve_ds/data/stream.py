@@ -36,6 +36,7 @@ from PIL import Image
 from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, MaskedSamples
 from eve_ds.data.shards import captions_of, image_of
 from eve_ds.data.sources import DataError, NoReadableData, Source, epoch_order, read_positions
+from eve_ds.data.text import EmptyText
 from eve_ds.objectives.masking import IGNORE_INDEX
 
 REASONS = ("unreadable image", "image too large", "missing image", "missing caption", "empty caption",
@@ -180,6 +181,8 @@ def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Cou
         return samples.make(image[1], rng.choice(captions), rng)
     except TOO_LARGE:
         problems["image too large"] += 1
+    except EmptyText:  # a caption with no word left once normalised (--normalize-text)
+        problems["empty caption"] += 1
     except UNREADABLE_IMAGE_ERRORS:
         problems["unreadable image"] += 1
     return None

@@ -20,10 +20,10 @@ Karpathy splits of COCO and Flickr30K (``dataset_coco.json``, ``dataset_flickr30
     "test", "sentences": [{"raw": "..."}, ...], ...}, ...]}``; image at ``IMAGE_ROOT/filepath/filename``.
     ``restval`` is read as train.
 
-Bad input is skipped and counted, not fatal; readers (and the datasets) expose the counts as a Counter
-(``problems``) under the keys below, and warn naming the file and line or entry of a malformed one. A
-missing image is found once, when a split is read. A file that is missing, or not in its layout at all,
-raises FinetuneDataError (a ValueError) naming it.
+Text is kept as written (the datasets normalise it). Bad input is skipped and counted, not fatal; readers (and
+the datasets) expose the counts as a Counter (``problems``) under the keys below, and warn naming the file and
+line or entry of a malformed one. A missing image is found once, when a split is read. A file that is missing, or
+not in its layout at all, raises FinetuneDataError (a ValueError) naming it.
 """
 import json
 import logging
@@ -46,7 +46,8 @@ QUESTION_WITHOUT_ANNOTATION = "question_without_annotation"
 ANNOTATION_WITHOUT_QUESTION = "annotation_without_question"
 ANSWER_NOT_IN_LIST = "answer_not_in_list"  # once per question and distinct answer
 QUESTION_WITHOUT_KNOWN_ANSWER = "question_without_known_answer"  # left out of training
-IMAGE_WITHOUT_CAPTIONS = "image_without_captions"
+IMAGE_WITHOUT_CAPTIONS = "image_without_captions"  # also one whose captions normalisation all leaves empty
+EMPTY_ONCE_NORMALISED = "empty_once_normalised"  # a sentence or caption with no word left (``datasets.py``)
 
 
 class FinetuneDataError(ValueError):

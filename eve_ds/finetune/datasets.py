@@ -1,32 +1,66 @@
 """The tensors fine-tuning trains and evaluates on, from the records of ``annotations.py``: images decoded at the
-task's resolution, text encoded by the caller's TextTokenizer (the authors' recipes use 40 tokens for every task).
+task's resolution, text normalised as the authors' fine-tuning does (``eve_ds/data/text.py``; ``normalize_text``
+False keeps it as written) and encoded by the caller's TextTokenizer (the authors' recipes use 40 tokens for every
+task).
 """
 import random
 from collections import Counter
+from dataclasses import replace
 
 import torch
 
-from eve_ds.data.dataset import load_image, names_left_or_right
-from eve_ds.finetune.annotations import (ANSWER_NOT_IN_LIST, QUESTION_WITHOUT_KNOWN_ANSWER, FinetuneDataError,
-                                         VQAQuestion, answer_index)
+from eve_ds.data.dataset import load_image
+from eve_ds.data.text import EmptyText, may_mirror, pre_caption, pre_question
+from eve_ds.finetune.annotations import (ANSWER_NOT_IN_LIST, EMPTY_ONCE_NORMALISED, IMAGE_WITHOUT_CAPTIONS,
+                                         QUESTION_WITHOUT_KNOWN_ANSWER, FinetuneDataError, VQAQuestion, answer_index)
 from eve_ds.finetune.metrics import vqa_soft_target
 
 TEXT_LENGTH = 40
+# The authors' word limits (their dataset classes): VQA questions 30 words in training, 50 in evaluation; NLVR2
+# sentences 40; retrieval captions 30, in training and evaluation.
+VQA_TRAIN_WORDS, VQA_EVAL_WORDS, NLVR2_WORDS, RETRIEVAL_WORDS = 30, 50, 40, 30
 
 
 def may_flip(question: VQAQuestion) -> bool:
-    """The authors mirror a training image only when neither its question nor any answer names a side: a
-    mirrored image would make them false."""
-    return not any(map(names_left_or_right, (question.question, *question.answers)))
+    """A training image is mirrored only when neither its question nor any answer names a side, as written
+    (``text.may_mirror``): a mirrored image would make them false."""
+    return may_mirror(question.question, *question.answers)
+
+
+def _normalised_captions(images, max_words: int, normalize_text: bool, problems: Counter) -> list:
+    """The images with their captions normalised; a caption left empty is dropped, and an image left without
+    captions too, each counted in ``problems``."""
+    if not normalize_text:
+        return list(images)
+    kept = []
+    for image in images:
+        captions = []
+        for caption in image.captions:
+            try:
+                captions.append(pre_caption(caption, max_words))
+            except EmptyText:
+                problems[EMPTY_ONCE_NORMALISED] += 1
+        if captions:
+            kept.append(replace(image, captions=tuple(captions)))
+        else:
+            problems[IMAGE_WITHOUT_CAPTIONS] += 1
+    return kept
+
+
+def _require_some(items: list, what: str, problems: Counter) -> list:
+    if not items:
+        raise FinetuneDataError(f"no {what} left (problems: {dict(problems)})")
+    return items
 
 
 class VQADataset(torch.utils.data.Dataset):
     """Each item: {"images" [3, S, S], "text_ids", "text_padding_mask" [text length], "targets" [answers]
     (soft scores), "question_ids"}. In training, a question with no answer in the list is left out, and an
-    image is mirrored with probability 1/2, drawn from (seed, epoch, index), when ``may_flip`` allows it."""
+    image is mirrored with probability 1/2, drawn from (seed, epoch, index), when ``may_flip`` allows it.
+    Questions are normalised by ``pre_question`` to VQA_TRAIN_WORDS words in training, VQA_EVAL_WORDS else."""
 
     def __init__(self, questions, answers: list, tokenizer, image_size: int, train: bool, seed: int = 0,
-                 problems: Counter = None):
+                 problems: Counter = None, normalize_text: bool = True):
         self.tokenizer, self.image_size, self.train, self.seed = tokenizer, image_size, train, seed
         self.epoch, self.num_answers = 0, len(answers)
         self.problems = Counter(problems or {})
@@ -44,6 +78,9 @@ class VQADataset(torch.utils.data.Dataset):
         if not self.questions:
             raise FinetuneDataError(f"no question to {'train' if train else 'evaluate'} on (problems: "
                                     f"{dict(self.problems)})")
+        max_words = VQA_TRAIN_WORDS if train else VQA_EVAL_WORDS
+        self.texts = [pre_question(question.question, max_words) if normalize_text else question.question
+                      for question in self.questions]
 
     def __len__(self):
         return len(self.questions)
@@ -61,7 +98,7 @@ class VQADataset(torch.utils.data.Dataset):
         image = load_image(question.image_path, self.image_size)
         if self.flips(index):
             image = image.flip(-1)
-        text_ids, padding_mask, _ = self.tokenizer.encode(question.question)
+        text_ids, padding_mask, _ = self.tokenizer.encode(self.texts[index])
         targets = torch.zeros(self.num_answers)
         for answer, score in self.targets[index].items():
             targets[answer] = score
@@ -71,18 +108,29 @@ class VQADataset(torch.utils.data.Dataset):
 
 class NLVR2Dataset(torch.utils.data.Dataset):
     """Each item: {"images" [2, 3, S, S] (left, right), "text_ids", "text_padding_mask", "labels"}. Images are
-    never mirrored: sentences name the left and right image."""
+    never mirrored (the authors mirror each image of a pair, whatever the sentence says). Sentences are normalised
+    by ``pre_caption`` to NLVR2_WORDS words; an example whose sentence that leaves empty is left out, counted."""
 
-    def __init__(self, examples, tokenizer, image_size: int, problems: Counter = None):
-        self.examples, self.tokenizer, self.image_size = list(examples), tokenizer, image_size
+    def __init__(self, examples, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
+        self.tokenizer, self.image_size = tokenizer, image_size
         self.problems = Counter(problems or {})
+        self.examples, self.sentences = [], []
+        for example in examples:
+            try:
+                sentence = pre_caption(example.sentence, NLVR2_WORDS) if normalize_text else example.sentence
+            except EmptyText:
+                self.problems[EMPTY_ONCE_NORMALISED] += 1
+                continue
+            self.examples.append(example)
+            self.sentences.append(sentence)
+        _require_some(self.examples, "NLVR2 example", self.problems)
 
     def __len__(self):
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
-        text_ids, padding_mask, _ = self.tokenizer.encode(example.sentence)
+        text_ids, padding_mask, _ = self.tokenizer.encode(self.sentences[index])
         images = torch.stack([load_image(example.left_image_path, self.image_size),
                               load_image(example.right_image_path, self.image_size)])
         return {"images": images, "text_ids": text_ids, "text_padding_mask": padding_mask, "labels": example.label}
@@ -90,13 +138,16 @@ class NLVR2Dataset(torch.utils.data.Dataset):
 
 class RetrievalTrainDataset(torch.utils.data.Dataset):
     """One item per caption: {"images", "text_ids", "text_padding_mask", "image_ids"}; the image id (its
-    position in the split) tells which captions share an image, the positives of contrastive training."""
+    position in the split) tells which captions share an image, the positives of contrastive training. Captions
+    are normalised by ``pre_caption`` to RETRIEVAL_WORDS words (``_normalised_captions``)."""
 
-    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None):
-        self.images, self.tokenizer, self.image_size = list(images), tokenizer, image_size
+    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
+        self.tokenizer, self.image_size = tokenizer, image_size
+        self.problems = Counter(problems or {})
+        self.images = _normalised_captions(images, RETRIEVAL_WORDS, normalize_text, self.problems)
         self.pairs = [(image_index, caption) for image_index, image in enumerate(self.images)
                       for caption in image.captions]
-        self.problems = Counter(problems or {})
+        _require_some(self.pairs, "caption", self.problems)
 
     def __len__(self):
         return len(self.pairs)
@@ -112,16 +163,17 @@ class RetrievalEvalSet:
     """An evaluation split, to score every image against every caption: ``images`` (items {"images",
     "image_ids"}) and ``texts`` (items {"text_ids", "text_padding_mask", "image_ids"}) are datasets to
     encode once each, and ``text_image[t]`` is caption t's image, as ``retrieval_recall(scores [images,
-    texts], text_image)`` takes it."""
+    texts], text_image)`` takes it. Captions are normalised as in training."""
 
-    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None):
-        images = list(images)
+    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
+        self.problems = Counter(problems or {})
+        images = _require_some(_normalised_captions(images, RETRIEVAL_WORDS, normalize_text, self.problems), "image",
+                               self.problems)
         self.image_paths = [image.image_path for image in images]
         self.captions = [caption for image in images for caption in image.captions]
         self.text_image = torch.tensor([index for index, image in enumerate(images) for _ in image.captions])
         self.images = _ImageDataset(self.image_paths, image_size)
         self.texts = _CaptionDataset(self.captions, self.text_image, tokenizer)
-        self.problems = Counter(problems or {})
 
 
 class _ImageDataset(torch.utils.data.Dataset):

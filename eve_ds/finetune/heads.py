@@ -28,8 +28,9 @@ def encoder_weights(weights: StoredWeights, encoder: EVE, placement: ExpertPlace
 class TaskModel(nn.Module):
     """EVE (``self.encoder``) plus a task head built by the subclass.
 
-    ``aux_weight`` scales the MoE load-balancing loss added to the task loss; None takes the class's
-    ``default_aux_weight``, and where that is None too, the pre-training weight ``config.aux_loss_weight``.
+    ``aux_weight`` scales the MoE load-balancing loss (the encoder's: the mean over MoE layers) added to the
+    task loss; None takes the class's ``default_aux_weight``, and where that is None too, the pre-training
+    weight ``config.aux_loss_weight`` (0.001, the authors' ``gateloss_weight``).
     """
     default_aux_weight = None
 

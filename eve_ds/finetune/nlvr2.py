@@ -14,6 +14,7 @@ class NLVR2Model(TaskModel):
     Both image-sentence pairs of a batch run as one pass of 2B (the authors run two passes of B). The encoder
     treats samples independently except for the MoE capacity limit, which counts the tokens of the whole
     pass: when experts overflow, one pass drops other routes than two passes would (as many, in proportion).
+    Likewise the MoE loss is that of the one pass, where the authors average each layer's loss over their two.
     """
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):

@@ -17,6 +17,43 @@ from eve_ds.model import ExpertPlacement
 
 INITIAL_TEMPERATURE = 0.07
 TEMPERATURE_RANGE = (0.001, 0.5)
+# The authors' gate loss is each MoE layer's loss averaged over the model's five encoder passes: image alone,
+# text alone, and the three matching passes (positive pairs, negative images, negative texts). Here the three
+# matching passes run as one pass, which stands for three.
+MATCHING_PASSES = 3
+
+
+class _ClampTowardsRange(torch.autograd.Function):
+    """``value.clamp(low, high)`` whose gradient is not cut at the bounds: inside the range it passes unchanged,
+    outside it passes where it leads back into the range (a descent step moves by -grad) and is zeroed where it
+    leads further out."""
+
+    @staticmethod
+    def forward(ctx, value, low, high):
+        ctx.save_for_backward(value < low, value > high)
+        return value.clamp(low, high)
+
+    @staticmethod
+    def backward(ctx, grad):
+        below, above = ctx.saved_tensors
+        outwards = (below & (grad > 0)) | (above & (grad < 0))
+        return grad.masked_fill(outwards, 0.0), None, None
+
+
+def clamp_temperature(temperature: torch.Tensor) -> torch.Tensor:
+    """The temperature the contrastive loss uses: the parameter clamped to ``TEMPERATURE_RANGE``.
+
+    The authors clamp the parameter in place before each use, so it never leaves the range by more than one
+    optimizer step and its gradient is that of the clamped value. An in-place change does not persist here:
+    under ZeRO-3 the parameter is a gathered copy of partitions, and with bf16 the optimizer's fp32 master
+    overwrites it at the next step. So the value used is clamped, and its gradient reaches the parameter (a
+    plain clamp would give none below 0.001, where weight decay alone then keeps it stuck). Only a gradient
+    leading back into the range passes outside it: the parameter can then leave the range by no more than
+    the optimizer's momentum carries it once the loss stops pushing, instead of drifting for as long as the
+    loss wants a temperature past the bound. A parametrisation (e.g. a sigmoid onto the range) would keep it
+    in range exactly, but would change the optimisation (AdamW steps and weight decay on another variable)
+    and make the stored value something other than the temperature."""
+    return _ClampTowardsRange.apply(temperature, *TEMPERATURE_RANGE)
 
 
 def _data_parallel() -> bool:
@@ -70,7 +107,10 @@ def sample_hard_negatives(logits: torch.Tensor, image_ids: torch.Tensor, rows: s
 class RetrievalModel(TaskModel):
     """Dual encoder: image [CLS] of ``encode_image`` and text [CLS] of ``encode_text``, each through its own
     projection, L2-normalised, compared at a learnable temperature. ITM head: Linear(d, 2) on the text [CLS]
-    state of the joint encoding."""
+    state of the joint encoding.
+
+    As in the authors' code, the contrastive loss takes the [CLS] states after the encoder's final LayerNorm,
+    and the evaluation embeddings (``image_embeddings``, ``text_embeddings``) take them before it."""
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):
         super().__init__(config, placement, aux_weight)
@@ -82,12 +122,12 @@ class RetrievalModel(TaskModel):
         self.itm_head = nn.Linear(width, 2)
         self.init_head_weights()
 
-    def _image_features(self, images) -> tuple:
-        hidden, aux_loss = self.encoder.encode_image(images)
+    def _image_features(self, images, final_norm=True) -> tuple:
+        hidden, aux_loss = self.encoder.encode_image(images, final_norm=final_norm)
         return F.normalize(self.image_projection(hidden[:, 0]).float(), dim=-1), aux_loss
 
-    def _text_features(self, text_ids, text_padding_mask) -> tuple:
-        hidden, aux_loss = self.encoder.encode_text(text_ids, text_padding_mask)
+    def _text_features(self, text_ids, text_padding_mask, final_norm=True) -> tuple:
+        hidden, aux_loss = self.encoder.encode_text(text_ids, text_padding_mask, final_norm=final_norm)
         return F.normalize(self.text_projection(hidden[:, 0]).float(), dim=-1), aux_loss
 
     def _match_logits(self, images, text_ids, text_padding_mask) -> tuple:
@@ -100,14 +140,13 @@ class RetrievalModel(TaskModel):
 
         Loss = ITC + ITM + aux_weight x aux, where the ITM loss is cross entropy over the B positive pairs,
         B pairs of a hard-negative image with each text and B of each image with a hard-negative text, all in
-        one joint pass, and aux is the mean of the three passes' (image, text, joint) MoE losses."""
+        one joint pass, and aux is the authors' mean over their five passes, the joint pass counting for three:
+        (image + text + 3 x joint) / 5, each pass's loss the mean over MoE layers."""
         batch = images.shape[0]
         rank = dist.get_rank() if _data_parallel() else 0
         if image_ids is None:
             image_ids = torch.arange(batch, device=images.device) + rank * batch
-        # The value used is clamped, not the parameter in place (as the authors do): under ZeRO-3 an in-place
-        # change to the gathered copy would be lost.
-        temperature = self.temperature.clamp(*TEMPERATURE_RANGE)
+        temperature = clamp_temperature(self.temperature)
         image_features, image_aux = self._image_features(images)
         text_features, text_aux = self._text_features(text_ids, text_padding_mask)
         all_image_ids = gather(image_ids)
@@ -124,20 +163,22 @@ class RetrievalModel(TaskModel):
         match_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match_logits.device)
         itm_loss = F.cross_entropy(match_logits, match_labels)
 
-        aux_loss = (image_aux + text_aux + match_aux) / 3
+        aux_loss = (image_aux + text_aux + MATCHING_PASSES * match_aux) / (2 + MATCHING_PASSES)
         return self.outputs_with_loss(itc_loss + itm_loss, aux_loss, itc_loss=itc_loss.detach(),
                                       itm_loss=itm_loss.detach(), temperature=temperature.detach()[0],
                                       itm_logits=match_logits.detach())
 
     @torch.no_grad()
     def image_embeddings(self, images) -> torch.Tensor:
-        """[B, C, H, W] -> [B, hidden_size], unit length, float32."""
-        return self._image_features(images)[0]
+        """[B, C, H, W] -> [B, hidden_size], unit length, float32; from the [CLS] state before the final
+        LayerNorm (the authors' ``forward_eval``)."""
+        return self._image_features(images, final_norm=False)[0]
 
     @torch.no_grad()
     def text_embeddings(self, text_ids, text_padding_mask) -> torch.Tensor:
-        """[B, L] -> [B, hidden_size], unit length, float32."""
-        return self._text_features(text_ids, text_padding_mask)[0]
+        """[B, L] -> [B, hidden_size], unit length, float32; from the [CLS] state before the final LayerNorm
+        (the authors' ``forward_eval``)."""
+        return self._text_features(text_ids, text_padding_mask, final_norm=False)[0]
 
     @torch.no_grad()
     def match_scores(self, images, text_ids, text_padding_mask) -> torch.Tensor:

@@ -2,6 +2,7 @@
 evaluated. Evaluation runs on every rank at once (expert parallelism needs every rank in every forward pass):
 each rank takes an equal share of the items, padded where they do not divide, and the results are gathered.
 """
+import argparse
 import json
 import math
 from collections import Counter
@@ -50,6 +51,9 @@ def add_data_arguments(parser):
     group.add_argument("--karpathy", default=str(retrieval / "dataset_shapes.json"))
     group.add_argument("--karpathy-images", default=str(retrieval), help="the folder 'filepath' is relative to")
     group.add_argument("--eval-split", default="val", choices=("val", "test"))
+    parser.add_argument("--normalize-text", action=argparse.BooleanOptionalAction, default=True,
+                        help="normalise questions, sentences and captions as the authors' fine-tuning does (lower "
+                             "case, punctuation removed, their word limits); --no-normalize-text keeps them as written")
 
 
 @dataclass
@@ -63,26 +67,31 @@ class Task:
 
 def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str = "val") -> Task:
     """The task's training set and evaluation split (``split``: "val" or, for retrieval, "test")."""
+    normalize_text = args.normalize_text
     if name == "vqa":
         answers = read_answer_list(args.answer_list)
         train, train_problems = read_vqa(args.train_questions, args.train_images, args.train_annotations,
                                          args.image_name)
         evaluation, val_problems = read_vqa(args.val_questions, args.val_images, args.val_annotations or None,
                                             args.image_name)
-        train_set = VQADataset(train, answers, tokenizer, image_size, train=True, seed=seed, problems=train_problems)
-        val_set = VQADataset(evaluation, answers, tokenizer, image_size, train=False, problems=val_problems)
+        train_set = VQADataset(train, answers, tokenizer, image_size, train=True, seed=seed, problems=train_problems,
+                               normalize_text=normalize_text)
+        val_set = VQADataset(evaluation, answers, tokenizer, image_size, train=False, problems=val_problems,
+                             normalize_text=normalize_text)
         val_set.answers = answers
         return Task(name, train_set, val_set, train_set.problems + val_set.problems, {"num_answers": len(answers)})
     if name == "nlvr2":
         train, train_problems = read_nlvr2(args.nlvr2_train, args.nlvr2_train_images)
         evaluation, val_problems = read_nlvr2(args.nlvr2_val, args.nlvr2_val_images)
-        return Task(name, NLVR2Dataset(train, tokenizer, image_size), NLVR2Dataset(evaluation, tokenizer, image_size),
-                    train_problems + val_problems, {})
+        train_set = NLVR2Dataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text)
+        val_set = NLVR2Dataset(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
+        return Task(name, train_set, val_set, train_set.problems + val_set.problems, {})
     if name == "retrieval":
         train, train_problems = read_karpathy(args.karpathy, args.karpathy_images, "train")
         evaluation, val_problems = read_karpathy(args.karpathy, args.karpathy_images, split)
-        return Task(name, RetrievalTrainDataset(train, tokenizer, image_size),
-                    RetrievalEvalSet(evaluation, tokenizer, image_size), train_problems + val_problems, {})
+        train_set = RetrievalTrainDataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text)
+        val_set = RetrievalEvalSet(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
+        return Task(name, train_set, val_set, train_set.problems + val_set.problems, {})
     raise ValueError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
 
 

@@ -164,14 +164,16 @@ class EVE(nn.Module):
         text = self.token_norm(self.token_embed(text_ids)) + self.text_pos[:, :text_ids.shape[1]]
         return text + self.modality_type_embed[TEXT]
 
-    def forward(self, images=None, text_ids=None, text_padding_mask=None, image_mask=None):
+    def forward(self, images=None, text_ids=None, text_padding_mask=None, image_mask=None, final_norm=True):
         """Encode an image-text batch, or either part alone.
 
         images: [B, C, H, W]; text_ids: [B, L]; text_padding_mask: [B, L], True for real tokens;
         image_mask: optional [B, num_patches], True where a patch is masked.
-        Returns hidden states [B, num_image_tokens + L, width] (the parts given, image first) and the summed
-        auxiliary MoE loss. Every way into the encoder runs through here: ZeRO-3 gathers the encoder's own
-        parameters (positions, [CLS], type embeddings) in this module's forward only.
+        Returns hidden states [B, num_image_tokens + L, width] (the parts given, image first; through the final
+        LayerNorm unless ``final_norm`` is False) and the auxiliary MoE loss: the mean over MoE layers of each
+        layer's load-balancing loss, as the authors reduce it (so its weight does not grow with the number of
+        MoE layers). Every way into the encoder runs through here: ZeRO-3 gathers the encoder's own parameters
+        (positions, [CLS], type embeddings) in this module's forward only.
         """
         image = self.embed_image(images, image_mask) if images is not None else None
         text = self.embed_text(text_ids) if text_ids is not None else None
@@ -198,17 +200,18 @@ class EVE(nn.Module):
             else:
                 x, block_aux = block(x, attn_mask, modality_ids, num_image_tokens)
             aux_loss = aux_loss + block_aux.float()
-        return self.norm(x), aux_loss
+        aux_loss = aux_loss / max(len(self.config.moe_layers), 1)
+        return (self.norm(x) if final_norm else x), aux_loss
 
-    def encode_image(self, images, image_mask=None):
+    def encode_image(self, images, image_mask=None, final_norm=True):
         """An image alone (the authors' ``mode='vision'``, the retrieval dual encoder's image side): every
         token takes the vision FFNs and the vision routing embedding."""
-        return self(images, image_mask=image_mask)
+        return self(images, image_mask=image_mask, final_norm=final_norm)
 
-    def encode_text(self, text_ids, text_padding_mask):
+    def encode_text(self, text_ids, text_padding_mask, final_norm=True):
         """A text alone (the authors' ``mode='text'``): every token takes the text FFNs and the text routing
         embedding."""
-        return self(text_ids=text_ids, text_padding_mask=text_padding_mask)
+        return self(text_ids=text_ids, text_padding_mask=text_padding_mask, final_norm=final_norm)
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "EVE":

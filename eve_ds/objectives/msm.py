@@ -57,6 +57,7 @@ class MaskedSignalModeling(nn.Module):
         token_logits = self.text_head(hidden[:, num_image_tokens:][chosen]).float()
         text_loss = F.cross_entropy(token_logits, text_labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
 
+        # aux_loss is the mean over MoE layers (EVE.forward), weighted 0.001 as the authors weight their gate loss.
         loss = image_loss + text_loss + self.config.aux_loss_weight * aux_loss
         return {"loss": loss, "image_loss": image_loss.detach(), "text_loss": text_loss.detach(),
                 "aux_loss": aux_loss.detach()}
