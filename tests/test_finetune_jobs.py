@@ -66,13 +66,13 @@ def test_nlvr2_fine_tunes_with_the_moe_loss_and_a_cosine_schedule(pretrained, tm
 def retrieval_run(pretrained, tmp_path_factory):
     """Retrieval fine-tuned under its shipped config (ZeRO-2, expert parallelism 2): (out, records, summary)."""
     out = tmp_path_factory.mktemp("retrieval") / "run"
-    records, summary, _ = finetune("retrieval", pretrained, out, "--batch-size", 32)
+    records, summary, _ = finetune("retrieval", pretrained, out, "--batch-size", 32, "--eval-before")
     return out, records, summary
 
 
 def test_retrieval_fine_tunes_and_reports_recall_with_and_without_reranking(pretrained, retrieval_run):
     out, records, summary = retrieval_run
-    assert len(records) == 10  # 320 captions / 32
+    assert [record["step"] for record in records] == list(range(11))  # step 0: --eval-before; 320 captions / 32
     for prefix in ("val_itc_", "val_"):
         for direction in ("tr", "ir"):
             recalls = [summary[f"{prefix}{direction}_r@{k}"] for k in (1, 5, 10)]
@@ -92,13 +92,16 @@ def test_retrieval_under_zero3_takes_zero2s_steps(pretrained, retrieval_run, tmp
     config["zero_optimization"] = {"stage": 3, "overlap_comm": False, "stage3_param_persistence_threshold": 0}
     (tmp_path / "zero3.json").write_text(json.dumps(config))
     zero3_records, zero3_summary, log = finetune("retrieval", pretrained, tmp_path / "zero3", "--batch-size", 32,
-                                                 "--deepspeed_config", tmp_path / "zero3.json")
+                                                 "--deepspeed_config", tmp_path / "zero3.json", "--eval-before")
     assert "ZeRO stage 3, expert-parallel size 2" in log
     # The two stages sum gradients in other orders: 1.4e-5 apart after nine steps that all train.
-    assert [record["loss"] for record in zero3_records] == pytest.approx([record["loss"] for record in records],
-                                                                         rel=1e-4)
-    recalls = {key: value for key, value in summary.items() if key.startswith("val_")}
-    assert {key: zero3_summary[key] for key in recalls} == pytest.approx(recalls, abs=1e-4)
+    assert [record["loss"] for record in zero3_records[1:]] == pytest.approx(
+        [record["loss"] for record in records[1:]], rel=1e-4)
+    # Evaluation under ZeRO-3 is ZeRO-2's on the same weights (step 0). After training, the recalls of this
+    # barely trained model are not compared: its evaluation features, taken before the final LayerNorm as the
+    # authors take them, are nearly parallel, so weights 1e-5 apart reorder its candidates.
+    recalls = {key: value for key, value in records[0].items() if key.startswith("val_")}
+    assert len(recalls) == 14 and {key: zero3_records[0][key] for key in recalls} == pytest.approx(recalls, abs=1e-4)
 
     # tools/evaluate.py evaluates under the run's ZeRO settings, whatever its --deepspeed_config says.
     output = launch("tools/evaluate.py", "--task", "retrieval", "--pretrained", pretrained, "--run", tmp_path / "zero3")

@@ -41,18 +41,10 @@ class _ClampTowardsRange(torch.autograd.Function):
 
 
 def clamp_temperature(temperature: torch.Tensor) -> torch.Tensor:
-    """The temperature the contrastive loss uses: the parameter clamped to ``TEMPERATURE_RANGE``.
-
-    The authors clamp the parameter in place before each use, so it never leaves the range by more than one
-    optimizer step and its gradient is that of the clamped value. An in-place change does not persist here:
-    under ZeRO-3 the parameter is a gathered copy of partitions, and with bf16 the optimizer's fp32 master
-    overwrites it at the next step. So the value used is clamped, and its gradient reaches the parameter (a
-    plain clamp would give none below 0.001, where weight decay alone then keeps it stuck). Only a gradient
-    leading back into the range passes outside it: the parameter can then leave the range by no more than
-    the optimizer's momentum carries it once the loss stops pushing, instead of drifting for as long as the
-    loss wants a temperature past the bound. A parametrisation (e.g. a sigmoid onto the range) would keep it
-    in range exactly, but would change the optimisation (AdamW steps and weight decay on another variable)
-    and make the stored value something other than the temperature."""
+    """The temperature the contrastive loss uses: the parameter clamped to ``TEMPERATURE_RANGE``. The authors clamp
+    the parameter in place, which would not persist here (under ZeRO-3 it is a gathered copy, and a bf16 engine's
+    fp32 master overwrites it), so the value is clamped instead, with a gradient that still leads a parameter past
+    a bound back into the range (a plain clamp gives none there, and the temperature stayed stuck at 0.001)."""
     return _ClampTowardsRange.apply(temperature, *TEMPERATURE_RANGE)
 
 
