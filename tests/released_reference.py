@@ -95,3 +95,50 @@ def encode_every_mode(encoder, weights, config, inputs, final_norm=True) -> dict
                           released_forward(weights, config, images, final_norm=final_norm)),
                 "text": (encoder.encode_text(**text, final_norm=final_norm)[0],
                          released_forward(weights, config, **text, final_norm=final_norm))}
+
+
+def released_itm_logits(w, config, head_weight, head_bias, images, text_ids, text_padding_mask, negative_images,
+                        negative_text_ids, negative_padding_mask):
+    """Their retrieval ``cal_itm_loss``'s logits: three joint passes of B pairs each (the positive pairs, a
+    negative image with each text, each image with a negative text), the text [CLS] state of each pass (index
+    ``num_patch_embed + 1``) concatenated in that order and put through ``itm_head``."""
+    passes = [(images, text_ids, text_padding_mask), (negative_images, text_ids, text_padding_mask),
+              (images, negative_text_ids, negative_padding_mask)]
+    text_cls = torch.cat([released_forward(w, config, *inputs)[:, config.num_image_tokens] for inputs in passes])
+    return F.linear(text_cls, head_weight, head_bias)
+
+
+def released_nlvr2_biattn_logits(w, num_heads, left, right, text_padding_mask):
+    """Their NLVR2 ``--biattn`` head (models/model_nlvr_beit.py, models/attention.py) in eval mode, on their
+    parameter names (``attn1.in_proj_weight``, ..., ``nlvr2_output.bias``): ``left`` and ``right`` [B, T, d] are the
+    joint encodings after the final norm of the sentence with each image, [image tokens, text tokens];
+    ``text_padding_mask`` [B, L] is their ``text_atts``. Returns the logits [B, 2]."""
+    batch, length, width = left.shape
+    # Their attention_mask is ones over the image tokens, then text_atts; the padding masks are where it is 0.
+    padding = torch.cat([torch.ones(batch, length - text_padding_mask.shape[1]), text_padding_mask.float()], 1) == 0
+
+    def multihead_attention(name, query, key_value):
+        """Their multi_head_attention_forward, key and value the same tensor, inputs [B, T, d]."""
+        weight, bias = w[f"{name}.in_proj_weight"], w[f"{name}.in_proj_bias"]
+        head_width = width // num_heads
+        q = F.linear(query, weight[:width], bias[:width]) * head_width ** -0.5
+        k, v = F.linear(key_value, weight[width:], bias[width:]).chunk(2, dim=-1)
+        q, k, v = (x.transpose(0, 1).reshape(length, batch * num_heads, head_width).transpose(0, 1) for x in (q, k, v))
+        scores = torch.bmm(q, k.transpose(1, 2)).view(batch, num_heads, length, length)
+        scores = scores.masked_fill(padding[:, None, None, :], float("-inf")).view(batch * num_heads, length, length)
+        out = torch.bmm(torch.softmax(scores, dim=-1), v)
+        out = out.transpose(0, 1).reshape(length, batch, width).transpose(0, 1)
+        return F.linear(out, w[f"{name}.out_proj.weight"], w[f"{name}.out_proj.bias"])
+
+    def fc(x):
+        return torch.relu(F.linear(x, w["fc.0.weight"], w["fc.0.bias"]))
+
+    def attention_pool(x):
+        score = torch.relu(F.linear(x, w["attn_pool.fc.0.weight"], w["attn_pool.fc.0.bias"])).squeeze(-1)
+        score = score + padding.to(x.dtype) * -1e4
+        return F.softmax(score, dim=1).unsqueeze(1).matmul(x).squeeze(1)
+
+    left_fused = fc(torch.cat([multihead_attention("attn1", left, right), left], dim=-1))
+    right_fused = fc(torch.cat([multihead_attention("attn2", right, left), right], dim=-1))
+    pooled = torch.cat([attention_pool(left_fused), attention_pool(right_fused)], dim=-1)
+    return F.linear(pooled, w["nlvr2_output.weight"], w["nlvr2_output.bias"])

@@ -15,7 +15,7 @@ from eve_ds.checkpoint.pretrained import save_pretrained
 from eve_ds.checkpoint.released import backbone, to_released
 from eve_ds.config import preset
 from eve_ds.finetune.metrics import rerank, retrieval_recall
-from eve_ds.finetune.nlvr2 import NLVR2Model
+from eve_ds.finetune.nlvr2 import BiAttentionHead, NLVR2Model
 from eve_ds.finetune.optim import param_groups
 from eve_ds.finetune.retrieval import (TEMPERATURE_RANGE, RetrievalModel, clamp_temperature, contrastive_loss,
                                        gather_with_grad, sample_hard_negatives)
@@ -23,7 +23,8 @@ from eve_ds.finetune.vqa import VQAModel
 from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import MaskedSignalModeling
 from tests.conftest import REPO, free_port
-from tests.released_reference import released_gate_loss, released_retrieval_embeddings
+from tests.released_reference import (released_forward, released_gate_loss, released_itm_logits,
+                                      released_nlvr2_biattn_logits, released_retrieval_embeddings)
 from tests.test_model import record_moe_losses
 
 # Small images and texts keep each pass to a few milliseconds. A capacity factor of num_experts keeps every
@@ -86,23 +87,145 @@ def test_vqa_logits_and_loss_by_hand():
     assert set(weighted(**{k: v for k, v in batch.items() if k != "targets"})) == {"logits", "prediction"}
 
 
-def test_nlvr2_one_pass_gives_the_logits_of_two_passes():
+# The authors' --biattn head: their names, under head. (their attn1 is head.attn1, and so on).
+BIATTN_HEAD_NAMES = {f"head.{name}" for name in (
+    "attn1.in_proj_weight", "attn1.in_proj_bias", "attn1.out_proj.weight", "attn1.out_proj.bias",
+    "attn2.in_proj_weight", "attn2.in_proj_bias", "attn2.out_proj.weight", "attn2.out_proj.bias",
+    "fc.0.weight", "fc.0.bias", "attn_pool.fc.0.weight", "attn_pool.fc.0.bias", "nlvr2_output.weight",
+    "nlvr2_output.bias")}
+MLP_HEAD_NAMES = {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "head.3.weight", "head.3.bias"}
+
+
+def nlvr2_head_weights_in_their_names(model) -> dict:
+    return {name.removeprefix("head."): param.detach() for name, param in model.named_parameters()
+            if name.startswith("head.")}
+
+
+def randomise_head(model, std=0.1):
+    """Fresh heads have zero biases and small weights; random ones make every term of the formula count."""
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for param in model.head.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
+def make_dropped_routes_matter(encoder):
+    """Fresh experts add little to the residual stream; these make a dropped route change the outputs."""
+    with torch.no_grad():
+        for block in encoder.blocks:
+            if block.is_moe:
+                block.gamma2.fill_(1.0)
+                for name, param in block.ffn.named_parameters():
+                    if "experts" in name and name.endswith("weight"):
+                        param.normal_(0.0, 0.1)
+
+
+def test_nlvr2_biattn_head_is_the_default_with_the_authors_shapes():
+    torch.manual_seed(0)
+    model = NLVR2Model(CONFIG)
+    width = CONFIG.hidden_size
+    shapes = {name: tuple(param.shape) for name, param in model.named_parameters() if name.startswith("head.")}
+    attention = {"in_proj_weight": (3 * width, width), "in_proj_bias": (3 * width, ),
+                 "out_proj.weight": (width, width), "out_proj.bias": (width, )}
+    expected = {f"head.{side}.{name}": shape for side in ("attn1", "attn2") for name, shape in attention.items()}
+    expected.update({"head.fc.0.weight": (width, 2 * width), "head.fc.0.bias": (width, ),
+                     "head.attn_pool.fc.0.weight": (1, width), "head.attn_pool.fc.0.bias": (1, ),
+                     "head.nlvr2_output.weight": (2, 2 * width), "head.nlvr2_output.bias": (2, )})
+    assert shapes == expected
+    assert set(shapes) == BIATTN_HEAD_NAMES
+    assert model.head.attn1.num_heads == CONFIG.num_heads and model.head.attn1.dropout == 0.1
+    assert model.head.fc[2].p == 0.1 and model.head.attn_pool.dropout.p == 0.1
+    assert model.head.attn1.in_proj_weight.std() > 0 and not model.head.attn1.in_proj_bias.any()
+    head = BiAttentionHead(width, CONFIG.num_heads).eval()
+    keep = torch.ones(4, 9, dtype=torch.bool)
+    assert head(torch.randn(4, 9, width), torch.randn(4, 9, width), keep).shape == (4, 2)
+    with pytest.raises(ValueError, match="unknown NLVR2 head 'pool'; choose one of biattn, mlp"):
+        NLVR2Model(CONFIG, head="pool")
+
+
+def test_nlvr2_biattn_logits_are_the_authors_formula():
+    """Their --biattn head in eval mode (no dropout) on the same weights and encodings, written from their
+    models/model_nlvr_beit.py and models/attention.py."""
     torch.manual_seed(0)
     model = NLVR2Model(CONFIG).eval()
+    randomise_head(model)
+    layer_losses = record_moe_losses(model.encoder)
+    batch = nlvr2_batch()
+    out = model(**batch)
+    assert out["logits"].shape == (3, 2) and out["prediction"].shape == (3, ) and out["loss"].shape == ()
+    assert out["prediction"].tolist() == out["logits"].argmax(-1).tolist()
+    assert [len(losses) for losses in layer_losses] == [2, 2]  # two passes
+    torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(layer_losses))
+
+    text = {"text_ids": batch["text_ids"], "text_padding_mask": batch["text_padding_mask"]}
+    with torch.no_grad():
+        left, right = (model.encoder(batch["images"][:, side], **text)[0] for side in (0, 1))
+    reference = released_nlvr2_biattn_logits(nlvr2_head_weights_in_their_names(model), CONFIG.num_heads, left, right,
+                                             batch["text_padding_mask"])
+    torch.testing.assert_close(out["logits"], reference, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out["task_loss"], F.cross_entropy(reference, batch["labels"]), rtol=1e-6, atol=1e-6)
+    assert reference.std() > 0.1  # the random head makes the logits differ between examples
+    # The padding of example 0's sentence is masked: what its padded tokens hold does not change its logits.
+    with torch.no_grad():
+        moved = right.clone()
+        moved[0, CONFIG.num_image_tokens + CONFIG.max_text_len // 2:] += 1.0
+        keep = torch.cat([torch.ones(3, CONFIG.num_image_tokens, dtype=torch.bool), batch["text_padding_mask"]], 1)
+        torch.testing.assert_close(model.head(left, moved, keep)[0], out["logits"][0])
+
+
+def test_nlvr2_mlp_head_logits_and_loss_by_hand():
+    torch.manual_seed(0)
+    model = NLVR2Model(CONFIG, head="mlp").eval()
+    assert {name for name, _ in model.named_parameters() if name.startswith("head.")} == MLP_HEAD_NAMES
     layer_losses = record_moe_losses(model.encoder)
     batch = nlvr2_batch()
     out = model(**batch)
     assert out["logits"].shape == (3, 2) and out["prediction"].shape == (3, )
-    # The loss adds the authors' gate loss: 0.001 x the mean over MoE layers (of the one pass here).
-    assert [len(losses) for losses in layer_losses] == [1, 1]
+    # The loss adds the authors' gate loss: 0.001 x the mean over MoE layers of each layer's mean over the passes.
+    assert [len(losses) for losses in layer_losses] == [2, 2]
     torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(layer_losses))
 
-    cls_states = [model.encoder(batch["images"][:, side], batch["text_ids"], batch["text_padding_mask"])[0]
-                  [:, CONFIG.num_image_tokens] for side in (0, 1)]
-    torch.testing.assert_close(out["logits"], model.head(torch.cat(cls_states, dim=-1)), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["task_loss"], F.cross_entropy(out["logits"], batch["labels"]), rtol=1e-5,
-                               atol=1e-5)
+    with torch.no_grad():
+        cls_states = [model.encoder(batch["images"][:, side], batch["text_ids"], batch["text_padding_mask"])[0]
+                      [:, CONFIG.num_image_tokens] for side in (0, 1)]
+        logits = model.head(torch.cat(cls_states, dim=-1))
+    torch.testing.assert_close(out["logits"], logits)
+    torch.testing.assert_close(out["task_loss"], F.cross_entropy(logits, batch["labels"]))
     torch.testing.assert_close(out["loss"], out["task_loss"] + CONFIG.aux_loss_weight * out["aux_loss"])
+
+
+def test_nlvr2_runs_the_authors_two_passes_of_the_batch():
+    """The authors encode the sentence with the left images, then with the right images: two passes of B. An
+    expert's capacity counts a pass's tokens, so at a capacity that drops routes one pass of 2B computes other
+    logits."""
+    config = CONFIG.replace(capacity_factor=1.0, eval_capacity_factor=1.0)
+    torch.manual_seed(0)
+    model = NLVR2Model(config).eval()
+    randomise_head(model)
+    make_dropped_routes_matter(model.encoder)
+    batch = nlvr2_batch()
+    with torch.no_grad():
+        out = model(**batch)
+    pass_tokens = len(batch["text_ids"]) * (config.num_image_tokens + config.max_text_len)
+    assert model.encoder.moe_layers()[0].gate.expert_load.sum() < 2 * pass_tokens  # routes were dropped
+
+    text = {"text_ids": batch["text_ids"], "text_padding_mask": batch["text_padding_mask"]}
+    weights, _ = backbone(to_released(model.encoder.state_dict(), config))
+    head_weights = nlvr2_head_weights_in_their_names(model)
+    with torch.no_grad():
+        # Two separate single-image forwards, and the authors' encoder and head on them.
+        left, right = (model.encoder(batch["images"][:, side], **text)[0] for side in (0, 1))
+        theirs = [released_forward(weights, config, batch["images"][:, side], **text) for side in (0, 1)]
+        one_pass, _ = model.encoder(torch.cat([batch["images"][:, 0], batch["images"][:, 1]]),
+                                    text["text_ids"].repeat(2, 1), text["text_padding_mask"].repeat(2, 1))
+    torch.testing.assert_close(out["logits"], released_nlvr2_biattn_logits(head_weights, config.num_heads, left, right,
+                                                                           text["text_padding_mask"]))
+    reference = released_nlvr2_biattn_logits(head_weights, config.num_heads, *theirs, text["text_padding_mask"])
+    torch.testing.assert_close(out["logits"], reference, rtol=1e-4, atol=1e-5)
+
+    one_pass_logits = released_nlvr2_biattn_logits(head_weights, config.num_heads, *one_pass.chunk(2),
+                                                   text["text_padding_mask"])
+    assert (one_pass_logits - out["logits"]).abs().max() > 0.05
 
 
 def test_contrastive_loss_spreads_targets_over_pairs_of_one_image():
@@ -201,17 +324,60 @@ def test_retrieval_evaluation_embeddings_are_the_authors_forward_eval():
     assert (normed - image_reference).abs().max() > 0.05
 
 
-def test_retrieval_gate_loss_weights_the_authors_five_passes():
+def test_retrieval_gate_loss_is_the_mean_over_the_authors_five_passes():
     """The authors' retrieval model runs five encoder passes (image alone, text alone, ITM positives, ITM negative
-    images, ITM negative texts), each MoE layer averages its l_aux over them and the layers are averaged. Here
-    the three ITM passes are one pass of three times the pairs, which stands for the three."""
+    images, ITM negative texts), each MoE layer averages its l_aux over them and the layers are averaged."""
     torch.manual_seed(0)
     model = RetrievalModel(CONFIG).eval()
     layer_losses = record_moe_losses(model.encoder)
     out = model(**retrieval_batch())
-    assert [len(losses) for losses in layer_losses] == [3, 3]  # image, text, joint
-    five_passes = [[image, text, joint, joint, joint] for image, text, joint in layer_losses]
-    torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(five_passes))
+    assert [len(losses) for losses in layer_losses] == [5, 5]
+    torch.testing.assert_close(out["loss"] - out["task_loss"], released_gate_loss(layer_losses))
+    # The same as the mean over the five passes of each pass's loss (the mean over MoE layers).
+    pass_losses = torch.stack([torch.stack(losses) for losses in layer_losses]).mean(dim=0)
+    assert len(set(pass_losses.tolist())) == 5
+    torch.testing.assert_close(out["aux_loss"], pass_losses.mean())
+
+
+def test_retrieval_matching_runs_the_authors_three_passes_of_the_batch(monkeypatch):
+    """The authors' ITM encodes the positive pairs, the negative images with each text and each image with a
+    negative text as three joint passes of B pairs. An expert's capacity counts a pass's tokens, so at a capacity
+    that drops routes one pass of 3B computes other logits."""
+    config = CONFIG.replace(capacity_factor=1.0, eval_capacity_factor=1.0)
+    torch.manual_seed(0)
+    model = RetrievalModel(config).eval()
+    with torch.no_grad():  # fresh experts add little to the residual stream; make a dropped route matter
+        for block in model.encoder.blocks:
+            if block.is_moe:
+                block.gamma2.fill_(1.0)
+                for name, param in block.ffn.named_parameters():
+                    if "experts" in name and name.endswith("weight"):
+                        param.normal_(0.0, 0.1)
+    drawn = []
+    monkeypatch.setattr("eve_ds.finetune.retrieval.sample_hard_negatives",
+                        lambda *args: drawn.append(sample_hard_negatives(*args)) or drawn[-1])
+    batch = retrieval_batch()
+    with torch.no_grad():
+        out = model(**batch)
+    (negative_text, negative_image), = drawn
+    pass_tokens = len(batch["images"]) * (config.num_image_tokens + config.max_text_len)
+    assert model.encoder.moe_layers()[0].gate.expert_load.sum() < 2 * pass_tokens  # routes were dropped
+
+    weights, _ = backbone(to_released(model.encoder.state_dict(), config))
+    images, text_ids, padding = batch["images"], batch["text_ids"], batch["text_padding_mask"]
+    negatives = (images[negative_image], text_ids[negative_text], padding[negative_text])
+    reference = released_itm_logits(weights, config, model.itm_head.weight, model.itm_head.bias, images, text_ids,
+                                    padding, *negatives)
+    torch.testing.assert_close(out["itm_logits"], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["itm_loss"], F.cross_entropy(reference, torch.tensor([1] * 6 + [0] * 12)),
+                               rtol=1e-4, atol=1e-5)
+
+    with torch.no_grad():
+        one_pass, _ = model.encoder(torch.cat([images, negatives[0], images]),
+                                    torch.cat([text_ids, text_ids, negatives[1]]),
+                                    torch.cat([padding, padding, negatives[2]]))
+        one_pass_logits = model.itm_head(model.text_cls(one_pass))
+    assert (one_pass_logits - out["itm_logits"]).abs().max() > 0.05
 
 
 def test_temperature_below_its_bound_is_used_at_the_bound_and_still_gets_a_gradient():
@@ -262,8 +428,9 @@ def test_temperature_does_not_drift_far_past_its_bound():
 
 @pytest.mark.parametrize("build, batch", [(lambda: VQAModel(CONFIG, num_answers=7), vqa_batch),
                                           (lambda: NLVR2Model(CONFIG), nlvr2_batch),
+                                          (lambda: NLVR2Model(CONFIG, head="mlp"), nlvr2_batch),
                                           (lambda: RetrievalModel(CONFIG), retrieval_batch)],
-                         ids=["vqa", "nlvr2", "retrieval"])
+                         ids=["vqa", "nlvr2", "nlvr2-mlp", "retrieval"])
 def test_a_few_steps_lower_the_loss_on_a_fixed_batch(build, batch):
     torch.manual_seed(0)
     model, inputs = build(), batch()
@@ -296,10 +463,11 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.parametrize("cls, options, head", [
     (VQAModel, {"num_answers": 5}, {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "head.3.weight",
                                     "head.3.bias"}),
-    (NLVR2Model, {}, {"head.0.weight", "head.0.bias", "head.1.weight", "head.1.bias", "head.3.weight", "head.3.bias"}),
+    (NLVR2Model, {}, BIATTN_HEAD_NAMES),
+    (NLVR2Model, {"head": "mlp"}, MLP_HEAD_NAMES),
     (RetrievalModel, {}, {"image_projection.weight", "text_projection.weight", "temperature", "itm_head.weight",
                           "itm_head.bias"}),
-], ids=["vqa", "nlvr2", "retrieval"])
+], ids=["vqa", "nlvr2", "nlvr2-mlp", "retrieval"])
 def test_from_pretrained_loads_the_encoder_and_reports_the_head_as_new(checkpoint, cls, options, head):
     folder, encoder_weights = checkpoint
     model = cls.from_pretrained(folder, **options)
@@ -408,3 +576,46 @@ def test_bf16_fine_tuning_starts_its_masters_from_the_fp32_weights(checkpoint, s
     errors = json.loads(result.stdout.split("RESULT ")[-1])
     assert errors["rounded"] > 1e-5  # DeepSpeed made the masters from the bf16 weights
     assert errors["restored"] == 0.0
+
+
+def _nlvr2_steps_worker(folder, stage):
+    """One rank: three training steps of the bi-attention NLVR2 model (two encoder passes a step) on a fixed batch
+    under ZeRO ``stage`` (at 3, every parameter partitioned); prints the losses."""
+    from eve_ds.engine import init_distributed, initialize
+
+    init_distributed()
+    placement = ExpertPlacement(CONFIG.num_experts)
+    zero = {"stage": stage, **({"stage3_param_persistence_threshold": 0} if stage == 3 else {})}
+    ds_config = {"train_micro_batch_size_per_gpu": 3, "train_batch_size": 3, "gradient_clipping": 3.0,
+                 "zero_optimization": zero, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    torch.manual_seed(0)
+    model = NLVR2Model.from_pretrained(folder, placement=placement, ds_config=ds_config)
+    engine, _ = initialize(model, ds_config, placement, param_groups(model, 1e-3, 0.01, lr_multiplier=15))
+    partitioned = all(param.numel() == 0 for param in model.parameters())
+    losses = []
+    for step in range(3):
+        torch.manual_seed(step)  # the same dropout and gate sampling under either stage
+        out = engine(**nlvr2_batch())
+        engine.backward(out["loss"])
+        engine.step()
+        losses.append(out["loss"].item())
+    print("RESULT " + json.dumps({"losses": losses, "partitioned": partitioned}))
+
+
+@pytest.mark.distributed
+def test_nlvr2_two_passes_train_under_zero3_as_under_zero2(checkpoint):
+    """Under ZeRO-3 each of the two passes gathers the encoder's parameters in its forward, and the head's modules,
+    run once per side, gather theirs at each call: the steps are ZeRO-2's."""
+    results = {}
+    for stage in (2, 3):
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+        worker = (f"from tests.test_finetune_heads import _nlvr2_steps_worker; "
+                  f"_nlvr2_steps_worker({str(checkpoint[0])!r}, {stage})")
+        result = subprocess.run([sys.executable, "-c", worker], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        results[stage] = json.loads(result.stdout.split("RESULT ")[-1])
+    assert results[3]["partitioned"] and not results[2]["partitioned"]
+    assert results[3]["losses"] == pytest.approx(results[2]["losses"], rel=1e-5)
+    assert results[2]["losses"][-1] < results[2]["losses"][0]

@@ -84,7 +84,7 @@ def test_retrieval_fine_tunes_and_reports_recall_with_and_without_reranking(pret
 
 def test_retrieval_under_zero3_takes_zero2s_steps(pretrained, retrieval_run, tmp_path):
     """ZeRO-3 with every parameter partitioned: the model is built partitioned and the weights read into the
-    partitions; each step runs the encoder three times (image, text, joint), and each MoE gate with it; the
+    partitions; each step runs the encoder five times (image, text, three matching passes), and each MoE gate with it; the
     encoder's own parameters are gathered for the image-only and text-only passes too. Then tools/evaluate.py
     on the ZeRO-3 checkpoint."""
     _, records, summary = retrieval_run

@@ -88,9 +88,10 @@ def test_param_groups_scale_new_parameters_and_keep_experts_apart():
 
 def _authors_parameter_names(task: str) -> list:
     """Every parameter of the authors' task model for CONFIG, written out from their models/multiway_transformer.py,
-    models/layer.py, models/sharded_moe.py and models/model_{vqa,nlvr,retrieval}_beit.py (MoE layers with type
-    routing, the others with an image and a text FFN; NLVR2 without --biattn). Also mask_embed_vision, which only
-    their pre-training model has and eve-ds's encoder keeps; not their retrieval model's unused itc_vl_* heads."""
+    models/layer.py, models/sharded_moe.py, models/attention.py and models/model_{vqa,nlvr,retrieval}_beit.py (MoE
+    layers with type routing, the others with an image and a text FFN; NLVR2 with --biattn, "nlvr2-mlp" without it).
+    Also mask_embed_vision, which only their pre-training model has and eve-ds's encoder keeps; not their retrieval
+    model's unused itc_vl_* heads."""
     backbone = ["patch_embed.weight", "patch_embed.bias", "class_embedding_vision", "pos_embed_vision",
                 "type_embed_vision", "mask_embed_vision", "word_embedding.weight", "layer_norm_text.weight",
                 "layer_norm_text.bias", "pos_embed_text", "type_embed_text", "pre_layrnorm.weight", "pre_layrnorm.bias",
@@ -110,7 +111,11 @@ def _authors_parameter_names(task: str) -> list:
     heads = {"vqa": [f"output.{index}.{kind}" for index in (0, 1, 3) for kind in ("weight", "bias")],
              "retrieval": ["itc_vision_proj_head.weight", "itc_text_proj_head.weight", "itc_temp", "itm_head.weight",
                            "itm_head.bias"]}
-    heads["nlvr2"] = heads["vqa"]
+    heads["nlvr2-mlp"] = heads["vqa"]
+    heads["nlvr2"] = [f"{attention}.{name}" for attention in ("attn1", "attn2")
+                      for name in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")]
+    heads["nlvr2"] += ["fc.0.weight", "fc.0.bias", "attn_pool.fc.0.weight", "attn_pool.fc.0.bias",
+                       "nlvr2_output.weight", "nlvr2_output.bias"]
     return ["backbone." + name for name in backbone] + heads[task]
 
 
@@ -122,7 +127,7 @@ def _authors_rule_decays(name: str) -> bool:
 
 
 TASK_MODELS = {"vqa": lambda: VQAModel(CONFIG, num_answers=3), "nlvr2": lambda: NLVR2Model(CONFIG),
-               "retrieval": lambda: RetrievalModel(CONFIG)}
+               "nlvr2-mlp": lambda: NLVR2Model(CONFIG, head="mlp"), "retrieval": lambda: RetrievalModel(CONFIG)}
 
 
 def _decays(groups: list, model) -> dict:
@@ -157,10 +162,15 @@ def test_weight_decay_follows_the_authors_rule_on_their_names(task):
         moe + "ffn.deepspeed_moe.experts.deepspeed_experts.0.fc1.weight": True,
         moe + "ffn.deepspeed_moe.experts.deepspeed_experts.0.fc1.bias": False,
     }
-    expected.update({"head.0.weight": True, "head.0.bias": False, "head.1.weight": True, "head.1.bias": False}
-                    if task != "retrieval" else
-                    {"temperature": True, "image_projection.weight": True, "itm_head.weight": True,
-                     "itm_head.bias": False})
+    classifier = {"head.0.weight": True, "head.0.bias": False, "head.1.weight": True, "head.1.bias": False}
+    expected.update({
+        "vqa": classifier, "nlvr2-mlp": classifier,
+        "nlvr2": {"head.attn1.in_proj_weight": True, "head.attn1.in_proj_bias": False,
+                  "head.attn2.out_proj.weight": True, "head.attn2.out_proj.bias": False, "head.fc.0.weight": True,
+                  "head.fc.0.bias": False, "head.attn_pool.fc.0.weight": True, "head.nlvr2_output.weight": True,
+                  "head.nlvr2_output.bias": False},
+        "retrieval": {"temperature": True, "image_projection.weight": True, "itm_head.weight": True,
+                      "itm_head.bias": False}}[task])
     assert {name: decays[name] for name in expected} == expected
 
 

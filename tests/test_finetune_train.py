@@ -11,7 +11,7 @@ from eve_ds.data import TextTokenizer
 from eve_ds.errors import UsageError
 from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
 from eve_ds.finetune.train import (epoch_batches, fine_tuning_deepspeed_config, open_tokenizer, paper_layout,
-                                   parse_args, preset_name)
+                                   parse_args, preset_name, trained_head_options)
 from tests.conftest import SHAPES, run_tool
 from tests.test_consolidate import write_stage0_checkpoint
 from tests.test_tokenizer import roberta_style_tokenizer
@@ -105,3 +105,10 @@ def test_zero_is_a_value_where_it_means_something():
         parse_args(["--task", "vqa", "--pretrained", "unused", "--special-token", "mask"])
     with pytest.raises(UsageError, match="--special-token: unknown role 'bos'; the roles are cls, sep, pad, mask, unk"):
         parse_args(["--task", "vqa", "--pretrained", "unused", "--special-token", "bos=<s>"])
+
+
+def test_evaluation_takes_the_head_a_run_trained_with_from_its_checkpoint():
+    assert trained_head_options({}, "nlvr2", {"head": "biattn"}) == {"head": "biattn"}  # nothing saved: as asked
+    assert trained_head_options({"head_options": {}}, "nlvr2", {"head": "biattn"}) == {"head": "mlp"}  # before the choice
+    assert trained_head_options({"head_options": {"head": "biattn"}}, "nlvr2", {"head": "mlp"}) == {"head": "biattn"}
+    assert trained_head_options({"head_options": {}}, "retrieval", {}) == {}

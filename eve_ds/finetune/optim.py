@@ -38,8 +38,10 @@ AUTHORS_NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "
                     "norm1.weight", "norm2.bias", "norm2.weight")
 # Head parameters (prefix of the eve-ds name -> prefix of the authors'), from their models/model_*_beit.py: VQA and
 # NLVR2 (without --biattn) call the classifier ``output``; retrieval has the projections, ``itc_temp``, ``itm_head``.
+# Looked up by the longest prefix: NLVR2's bi-attention head keeps the authors' module names under "head.".
 AUTHORS_HEAD_NAMES = {"head.": "output.", "image_projection.": "itc_vision_proj_head.",
-                      "text_projection.": "itc_text_proj_head.", "temperature": "itc_temp", "itm_head.": "itm_head."}
+                      "text_projection.": "itc_text_proj_head.", "temperature": "itc_temp", "itm_head.": "itm_head.",
+                      **{f"head.{name}.": f"{name}." for name in ("attn1", "attn2", "fc", "attn_pool", "nlvr2_output")}}
 ENCODER = "encoder."
 
 
@@ -52,7 +54,7 @@ def authors_names(model: torch.nn.Module) -> dict:
                for ours, theirs in name_pairs(model.config)}
     names = {}
     for name, _ in model.named_parameters():
-        head = next((prefix for prefix in AUTHORS_HEAD_NAMES if name.startswith(prefix)), None)
+        head = max((prefix for prefix in AUTHORS_HEAD_NAMES if name.startswith(prefix)), key=len, default=None)
         if name in encoder:
             names[name] = tuple(PREFIX + theirs for theirs in encoder[name])
         elif head is not None:

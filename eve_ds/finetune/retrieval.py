@@ -17,10 +17,6 @@ from eve_ds.model import ExpertPlacement
 
 INITIAL_TEMPERATURE = 0.07
 TEMPERATURE_RANGE = (0.001, 0.5)
-# The authors' gate loss is each MoE layer's loss averaged over the model's five encoder passes: image alone,
-# text alone, and the three matching passes (positive pairs, negative images, negative texts). Here the three
-# matching passes run as one pass, which stands for three.
-MATCHING_PASSES = 3
 
 
 class _ClampTowardsRange(torch.autograd.Function):
@@ -131,9 +127,9 @@ class RetrievalModel(TaskModel):
         shows (pairs with equal ids are positives of one another; default: every pair its own image).
 
         Loss = ITC + ITM + aux_weight x aux, where the ITM loss is cross entropy over the B positive pairs,
-        B pairs of a hard-negative image with each text and B of each image with a hard-negative text, all in
-        one joint pass, and aux is the authors' mean over their five passes, the joint pass counting for three:
-        (image + text + 3 x joint) / 5, each pass's loss the mean over MoE layers."""
+        B pairs of a hard-negative image with each text and B of each image with a hard-negative text (logits in
+        that order), and aux is the mean over the five encoder passes (image alone, text alone, the three
+        matching passes) of each pass's loss, the mean over MoE layers: the authors' gate loss."""
         batch = images.shape[0]
         rank = dist.get_rank() if _data_parallel() else 0
         if image_ids is None:
@@ -148,14 +144,18 @@ class RetrievalModel(TaskModel):
         negative_text, negative_image = sample_hard_negatives(logits.detach(), all_image_ids,
                                                               slice(rank * batch, (rank + 1) * batch))
         all_images, all_text_ids, all_padding = gather(images), gather(text_ids), gather(text_padding_mask)
-        match_logits, match_aux = self._match_logits(
-            torch.cat([images, all_images[negative_image], images]),
-            torch.cat([text_ids, text_ids, all_text_ids[negative_text]]),
-            torch.cat([text_padding_mask, text_padding_mask, all_padding[negative_text]]))
+        # Three joint passes of B pairs, as the authors run them, not one of 3B: an expert's capacity counts the
+        # tokens of a pass, so the size of a pass decides which routes are dropped, and each pass has its own
+        # load-balancing loss.
+        matching_passes = [(images, text_ids, text_padding_mask),
+                           (all_images[negative_image], text_ids, text_padding_mask),
+                           (images, all_text_ids[negative_text], all_padding[negative_text])]
+        match_logits, match_aux = zip(*(self._match_logits(*inputs) for inputs in matching_passes))
+        match_logits = torch.cat(match_logits)
         match_labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(match_logits.device)
         itm_loss = F.cross_entropy(match_logits, match_labels)
 
-        aux_loss = (image_aux + text_aux + MATCHING_PASSES * match_aux) / (2 + MATCHING_PASSES)
+        aux_loss = torch.stack([image_aux, text_aux, *match_aux]).mean()
         return self.outputs_with_loss(itc_loss + itm_loss, aux_loss, itc_loss=itc_loss.detach(),
                                       itm_loss=itm_loss.detach(), temperature=temperature.detach()[0],
                                       itm_logits=match_logits.detach())

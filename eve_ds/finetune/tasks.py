@@ -15,7 +15,7 @@ import torch.distributed as dist
 from eve_ds.finetune.annotations import read_answer_list, read_karpathy, read_nlvr2, read_vqa
 from eve_ds.finetune.datasets import NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset
 from eve_ds.finetune.metrics import accuracy, rerank, retrieval_recall, vqa_accuracy
-from eve_ds.finetune.nlvr2 import NLVR2Model
+from eve_ds.finetune.nlvr2 import HEADS as NLVR2_HEADS, NLVR2Model
 from eve_ds.finetune.retrieval import RetrievalModel
 from eve_ds.finetune.vqa import VQAModel
 from eve_ds.trainer import to_device
@@ -28,7 +28,8 @@ NOT_MODEL_INPUTS = ("question_ids", )
 
 
 def add_data_arguments(parser):
-    """Each task's annotation files and image folders; the defaults are the shipped tiny examples."""
+    """Each task's annotation files and image folders (the defaults are the shipped tiny examples), the text
+    normalisation and NLVR2's head."""
     vqa, nlvr2, retrieval = EXAMPLES / "vqa", EXAMPLES / "nlvr2", EXAMPLES / "retrieval"
     group = parser.add_argument_group("VQA v2 data (official layout)")
     group.add_argument("--train-questions", default=str(vqa / "v2_OpenEnded_shapes_train_questions.json"))
@@ -47,6 +48,9 @@ def add_data_arguments(parser):
     group.add_argument("--nlvr2-train-images", default=str(nlvr2 / "images/train"))
     group.add_argument("--nlvr2-val", default=str(nlvr2 / "dev.json"))
     group.add_argument("--nlvr2-val-images", default=str(nlvr2 / "images/dev"))
+    parser.add_argument("--nlvr2-head", default="biattn", choices=NLVR2_HEADS,
+                        help="NLVR2's head: the authors' bi-attention between the two encodings (their --biattn, "
+                             "their recipe's) or their MLP on the two text [CLS] states")
     group = parser.add_argument_group("retrieval data (Karpathy split JSON)")
     group.add_argument("--karpathy", default=str(retrieval / "dataset_shapes.json"))
     group.add_argument("--karpathy-images", default=str(retrieval), help="the folder 'filepath' is relative to")
@@ -85,7 +89,7 @@ def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str
         evaluation, val_problems = read_nlvr2(args.nlvr2_val, args.nlvr2_val_images)
         train_set = NLVR2Dataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text)
         val_set = NLVR2Dataset(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
-        return Task(name, train_set, val_set, train_set.problems + val_set.problems, {})
+        return Task(name, train_set, val_set, train_set.problems + val_set.problems, {"head": args.nlvr2_head})
     if name == "retrieval":
         train, train_problems = read_karpathy(args.karpathy, args.karpathy_images, "train")
         evaluation, val_problems = read_karpathy(args.karpathy, args.karpathy_images, split)

@@ -325,6 +325,18 @@ def main(argv=None, stop: StopRequest = None):
         return summary
 
 
+def trained_head_options(states: dict, task: str, asked: dict) -> dict:
+    """The head a run trained with, from its checkpoint (the command line's choice where the checkpoint has none).
+    NLVR2 runs saved before the head became a choice trained the MLP head."""
+    saved = states.get("head_options")
+    if saved is None:
+        return asked
+    chosen = {**({"head": "mlp"} if task == "nlvr2" else {}), **saved}
+    if chosen != asked:
+        logger.info("the run trained with head options %s: evaluating with them", chosen)
+    return chosen
+
+
 def evaluate_run(argv=None) -> dict:
     """tools/evaluate.py: the newest complete checkpoint of a fine-tuning run on a split, at the run's layout of
     ranks (its expert-parallel size); prints the metrics in the paper's layout and writes VQA's results file."""
@@ -348,7 +360,8 @@ def evaluate_run(argv=None) -> dict:
                     trained_under.get("stage", 0))
         ds_config["zero_optimization"] = trained_under
     placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
-    model = build_model(lambda: MODELS[args.task](config, placement, **setup.task.head_options), ds_config)
+    head_options = trained_head_options(states, args.task, setup.task.head_options)
+    model = build_model(lambda: MODELS[args.task](config, placement, **head_options), ds_config)
     # ZeRO-3 keeps the weights in the optimizer's flat partitions, one per parameter group (the training groups),
     # and reads them with the optimizer's state: DeepSpeed's reader of the weights alone knows no partitioned experts.
     groups = param_groups(model, setup.lr, setup.recipe.weight_decay, setup.multiplier)
