@@ -1,5 +1,6 @@
-"""Tests for eve_ds/finetune/annotations.py (readers of VQA v2, NLVR2 and Karpathy-split files) and
-eve_ds/finetune/datasets.py (their tensors); the shipped tiny examples: test_finetune_examples.py."""
+"""Tests for eve_ds/finetune/annotations.py (readers of VQA v2, Visual Genome QA, NLVR2 and Karpathy-split files),
+eve_ds/finetune/datasets.py (their tensors) and the data options of eve_ds/finetune/tasks.py; the shipped tiny
+examples: test_finetune_examples.py."""
 import argparse
 import json
 import logging
@@ -13,12 +14,14 @@ from PIL import Image
 from eve_ds.data.dataset import load_image
 from eve_ds.data.text import pre_caption, pre_question
 from eve_ds.data.tokenizer import TextTokenizer
-from eve_ds.finetune.annotations import (CaptionedImage, FinetuneDataError, NLVR2Example, VQAQuestion, answer_index,
-                                         build_answer_list, read_answer_list, read_karpathy, read_nlvr2, read_vqa)
+from eve_ds.errors import ArgumentParser, UsageError
+from eve_ds.finetune.annotations import (VISUAL_GENOME, VQA_V2, CaptionedImage, FinetuneDataError, NLVR2Example,
+                                         VQAQuestion, VQASource, answer_index, build_answer_list, read_answer_list,
+                                         read_karpathy, read_nlvr2, read_visual_genome_qa, read_vqa)
 from eve_ds.finetune.datasets import (TEXT_LENGTH, NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset,
                                       may_flip)
 from eve_ds.finetune.metrics import retrieval_recall
-from eve_ds.finetune.tasks import add_data_arguments, load_task
+from eve_ds.finetune.tasks import EXAMPLES, add_data_arguments, load_task, vqa_train_sources
 from tests.conftest import SHAPES
 
 IMAGE_SIZE = 32
@@ -204,6 +207,134 @@ def test_vqa_dataset_counts_answers_outside_the_list(tmp_path, tokenizer):
     assert evaluation[1]["targets"].sum() == 0
     with pytest.raises(FinetuneDataError, match="no question to train on"):
         VQADataset(questions[1:], ["red"], tokenizer, IMAGE_SIZE, train=True)
+
+
+# ---------------------------------------------------------------- Visual Genome QA and several training sources
+
+EXAMPLE_VQA = EXAMPLES / "vqa"
+EXAMPLE_VQA_SOURCE = (f"vqa:{EXAMPLE_VQA / 'v2_OpenEnded_shapes_train_questions.json'}:"
+                      f"{EXAMPLE_VQA / 'v2_shapes_train_annotations.json'}:{EXAMPLE_VQA / 'images/train'}")
+
+
+def vg_qa(qa_id: int, image_id, question: str, answer: str) -> dict:
+    """A question of VG's question_answers.json as downloaded (image_id None: left out)."""
+    qa = {"a_objects": [], "question": question, "qa_id": qa_id, "answer": answer, "q_objects": []}
+    return qa if image_id is None else {**qa, "image_id": image_id}
+
+
+def visual_genome(root: Path) -> Path:
+    """A tiny VG download: images 1 (VG_100K) and 2 (VG_100K_2), 5 questions of which 4 are usable, the 4th's answer
+    outside the shapes answer list, and one image entry without its 'qas'."""
+    write_image(root / "VG_100K" / "1.jpg", image_format="JPEG")
+    write_image(root / "VG_100K_2" / "2.jpg", image_format="JPEG")
+    return write_json(root / "question_answers.json", [
+        {"id": 1, "qas": [vg_qa(101, 1, "What color is the square?", "Red."),
+                          vg_qa(102, 1, "Where is the star?", "Left."),
+                          vg_qa(103, 1, "What shape is blue?", "")]},  # an empty answer
+        {"image_id": 2, "qas": [vg_qa(201, None, "How many shapes are there?", "Two"),  # the entry's image id
+                                vg_qa(202, 2, "Is there a circle?", "Yes.")]},
+        {"id": 3, "regions": []},  # no 'qas'
+    ])
+
+
+def test_read_visual_genome_qa_reads_vg_layout_with_both_image_folders(tmp_path, caplog):
+    root = tmp_path / "visual_genome"
+    path = visual_genome(root)
+
+    with caplog.at_level(logging.WARNING):
+        records, problems = read_visual_genome_qa(path, root)
+
+    first, second = root / "VG_100K" / "1.jpg", root / "VG_100K_2" / "2.jpg"
+    assert records == [VQAQuestion(101, first, "What color is the square?", ("Red.", ), VISUAL_GENOME),
+                       VQAQuestion(102, first, "Where is the star?", ("Left.", ), VISUAL_GENOME),
+                       VQAQuestion(201, second, "How many shapes are there?", ("Two", ), VISUAL_GENOME),
+                       VQAQuestion(202, second, "Is there a circle?", ("Yes.", ), VISUAL_GENOME)]
+    assert all(record.source == str(path) for record in records)
+    assert problems == Counter(malformed_entry=2)
+    assert f"{path}: entry 1 question 3 skipped" in caplog.text and f"{path}: entry 3 skipped" in caplog.text
+    (root / "VG_100K_2" / "2.jpg").unlink()
+    records, problems = read_visual_genome_qa(path, root)
+    assert len(records) == 2 and problems == Counter(malformed_entry=2, missing_image=2)
+    with pytest.raises(FinetuneDataError, match="is the image folder right.*no 1.jpg in"):
+        read_visual_genome_qa(path, tmp_path / "elsewhere")
+
+
+def test_a_visual_genome_answer_scores_one_as_the_authors_weight_it(tmp_path, tokenizer):
+    image = write_image(tmp_path / "a.png")
+    questions = [VQAQuestion(1, image, "Colour?", ("Red.", ), VISUAL_GENOME),
+                 VQAQuestion(2, image, "Colour?", ("red", )),  # one VQA v2 annotator
+                 VQAQuestion(3, image, "Colour?", ("Mauve", ), VISUAL_GENOME)]
+
+    dataset = VQADataset(questions, ["red", "blue"], tokenizer, IMAGE_SIZE, train=True)
+
+    assert [question.question_id for question in dataset.questions] == [1, 2]
+    assert torch.equal(dataset[0]["targets"], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(dataset[1]["targets"], torch.tensor([0.3, 0.0]))
+    assert dataset.problems == Counter(answer_not_in_list=1, question_without_known_answer=1)
+
+
+def data_arguments(argv: list):
+    parser = ArgumentParser()
+    add_data_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_training_sources_join_the_vqa_example_and_visual_genome(tmp_path, tokenizer, caplog):
+    vg = visual_genome(tmp_path / "vg")
+    argv = ["--train-source", EXAMPLE_VQA_SOURCE, "--train-source", f"vg:{vg}:{tmp_path / 'vg'}"]
+
+    with caplog.at_level(logging.INFO, logger="eve_ds.finetune.tasks"):
+        task = load_task("vqa", data_arguments(argv), tokenizer, IMAGE_SIZE, seed=7)
+
+    today = load_task("vqa", data_arguments([]), tokenizer, IMAGE_SIZE, seed=7).train
+    train = task.train
+    assert len(today) == 144 and len(train) == 144 + 3  # "Two" is not in the list ("2" is)
+    assert train.questions[:144] == today.questions and train.targets[:144] == today.targets
+    assert [question.question_id for question in train.questions[144:]] == [101, 102, 202]
+    answers = read_answer_list(EXAMPLE_VQA / "answer_list.json")
+    for index, answer in zip(range(144, 147), ("red", "left", "yes")):
+        assert train.targets[index] == {answers.index(answer): 1.0}
+        assert torch.equal(train[index]["targets"].nonzero().flatten(), torch.tensor([answers.index(answer)]))
+    assert any(score < 1.0 for target in today.targets for score in target.values())  # VQA v2's scores stay
+    assert task.problems == Counter(malformed_entry=2, answer_not_in_list=1, question_without_known_answer=1)
+    assert f"vqa {EXAMPLE_VQA / 'v2_OpenEnded_shapes_train_questions.json'}: 144 questions, 144 with" in caplog.text
+    assert f"vg {vg}: 4 questions, 3 with an answer in the list (skipped at reading: {{'malformed_entry': 2}})" \
+        in caplog.text
+    again = load_task("vqa", data_arguments(argv), tokenizer, IMAGE_SIZE, seed=7).train
+    for epoch in range(3):
+        train.set_epoch(epoch), again.set_epoch(epoch)
+        assert [train.flips(i) for i in range(len(train))] == [again.flips(i) for i in range(len(again))]
+    assert not train.flips(145)  # "Left."
+
+
+def test_old_single_source_options_give_todays_training_set(tokenizer):
+    explicit = ["--train-questions", str(EXAMPLE_VQA / "v2_OpenEnded_shapes_train_questions.json"),
+                "--train-annotations", str(EXAMPLE_VQA / "v2_shapes_train_annotations.json"),
+                "--train-images", str(EXAMPLE_VQA / "images/train")]
+    default, given = data_arguments([]), data_arguments(explicit)
+    expected = [VQASource(VQA_V2, EXAMPLE_VQA / "v2_OpenEnded_shapes_train_questions.json",
+                          EXAMPLE_VQA / "images/train", EXAMPLE_VQA / "v2_shapes_train_annotations.json")]
+    assert vqa_train_sources(default) == vqa_train_sources(given) == expected
+    assert vqa_train_sources(data_arguments(["--train-source", EXAMPLE_VQA_SOURCE])) == expected
+    sets = [load_task("vqa", args, tokenizer, IMAGE_SIZE, seed=0).train for args in (default, given)]
+    assert len(sets[0]) == 144 and sets[0].questions == sets[1].questions and sets[0].targets == sets[1].targets
+
+
+def test_train_source_options_read_as_written_or_are_refused():
+    coco = data_arguments(["--train-source", "vqa:q.json:a.json:train2014:COCO_{folder}_{image_id:012d}.jpg",
+                           "--train-source", "vg:question_answers.json:VG"]).train_source
+    assert coco == [VQASource(VQA_V2, Path("q.json"), Path("train2014"), Path("a.json"),
+                              "COCO_{folder}_{image_id:012d}.jpg"),
+                    VQASource(VISUAL_GENOME, Path("question_answers.json"), Path("VG"))]
+    for bad in ("vqa:q.json:a.json", "vg:question_answers.json", "vg:qa.json:VG:extra", "gqa:q.json:images",
+                "q.json", "vqa:q.json::images"):
+        with pytest.raises(UsageError, match="--train-source: .* is not vqa:QUESTIONS:ANNOTATIONS:IMAGES"):
+            data_arguments(["--train-source", bad])
+    both = data_arguments(["--train-questions", "q.json", "--train-source", "vg:qa.json:VG"])
+    with pytest.raises(UsageError, match="--train-questions and --train-source both name"):
+        vqa_train_sources(both)
+    with pytest.raises(UsageError, match="given twice"):
+        vqa_train_sources(data_arguments(["--train-source", "vg:qa.json:VG"] * 2))
 
 
 # ---------------------------------------------------------------- NLVR2
@@ -395,12 +526,24 @@ def test_each_reader_names_a_missing_or_foreign_file(tmp_path):
     binary = tmp_path / "binary.json"
     binary.write_bytes(b"\xff\xfe\x00garbage")
     missing = tmp_path / "missing.json"
+    answer_list = write_json(tmp_path / "answer_list.json", ["yes", "no"])
+    # X-VLM's vg_qa.json rows, not VG's own layout
+    x_vlm = write_json(tmp_path / "vg_qa.json", [{"question": "Q?", "answer": "yes", "image": "VG_100K/1.jpg",
+                                                   "dataset": "vg"}])
+    visual_genome_qa = visual_genome(tmp_path / "vg")
     attempts = [
         (missing, lambda: read_vqa(missing, tmp_path)),
         (nlvr2, lambda: read_vqa(nlvr2, tmp_path)),  # JSON lines, not one JSON document
         (karpathy, lambda: read_vqa(karpathy, tmp_path)),  # no "questions" list
         (vqa_questions, lambda: read_vqa(vqa_questions, tmp_path, annotations_path=vqa_questions)),
         (binary, lambda: read_vqa(binary, tmp_path)),
+        (visual_genome_qa, lambda: read_vqa(visual_genome_qa, tmp_path)),
+        (missing, lambda: read_visual_genome_qa(missing, tmp_path)),
+        (vqa_questions, lambda: read_visual_genome_qa(vqa_questions, tmp_path)),
+        (karpathy, lambda: read_visual_genome_qa(karpathy, tmp_path)),
+        (answer_list, lambda: read_visual_genome_qa(answer_list, tmp_path)),
+        (x_vlm, lambda: read_visual_genome_qa(x_vlm, tmp_path)),
+        (binary, lambda: read_visual_genome_qa(binary, tmp_path)),
         (missing, lambda: read_nlvr2(missing, tmp_path)),
         (pretty_json, lambda: read_nlvr2(pretty_json, tmp_path)),  # no line is an NLVR2 example
         (binary, lambda: read_nlvr2(binary, tmp_path)),

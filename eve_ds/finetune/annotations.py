@@ -10,6 +10,12 @@ VQA v2
     images       ``IMAGE_ROOT/COCO_<folder>_<image id, 12 digits>.jpg`` with <folder> the image root's name
                  (``train2014/COCO_train2014_000000000009.jpg``); the name template is a parameter.
     answer list  a JSON list of answer strings (the authors' has 3,128); its order is the head's output order.
+Visual Genome QA (v1.2, ``question_answers.json``)
+    ``[{"id": 1, "qas": [{"qa_id": 986768, "image_id": 1, "question": "What color is the clock?", "answer":
+    "Green.", "q_objects": [], "a_objects": []}, ...]}, ...]``: one entry per image, one answer per question (an
+    entry's id is also read as "image_id"; a question's own image_id comes first).
+    images       ``IMAGE_ROOT/VG_100K/<image id>.jpg`` or ``IMAGE_ROOT/VG_100K_2/<image id>.jpg`` (``images.zip``
+                 and ``images2.zip`` unpacked side by side), or ``IMAGE_ROOT/<image id>.jpg``.
 NLVR2
     ``train.json``, ``dev.json``, ``test1.json``: JSON lines ``{"identifier": "dev-850-0-0", "sentence": "...",
     "label": "True" | "False", "directory": 53 (train only), ...}``. The identifier is split-set-pair-sentence;
@@ -27,16 +33,22 @@ not in its layout at all, raises FinetuneDataError (a ValueError) naming it.
 """
 import json
 import logging
+import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from eve_ds.errors import UsageError
 from eve_ds.finetune.metrics import normalize_answer
 
 logger = logging.getLogger(__name__)
 
 COCO_IMAGE_NAME = "COCO_{folder}_{image_id:012d}.jpg"
 KARPATHY_SPLITS = {"train": ("train", "restval"), "val": ("val", ), "test": ("test", )}
+VG_IMAGE_FOLDERS = ("VG_100K", "VG_100K_2")
+# Where a VQA training question comes from, as the authors' rows name it (their "dataset" field): the layout it was
+# read from, and how its answers score (``datasets.soft_target``).
+VQA_V2, VISUAL_GENOME = "vqa", "vg"
 
 # The keys of ``problems``.
 MALFORMED_LINE = "malformed_line"  # a JSON-lines line that is not JSON or lacks a required field
@@ -50,8 +62,9 @@ IMAGE_WITHOUT_CAPTIONS = "image_without_captions"  # also one whose captions nor
 EMPTY_ONCE_NORMALISED = "empty_once_normalised"  # a sentence or caption with no word left (``datasets.py``)
 
 
-class FinetuneDataError(ValueError):
-    """A fine-tuning data file that is missing, or not in the layout its reader expects."""
+class FinetuneDataError(UsageError):
+    """A fine-tuning data file that is missing, or not in the layout its reader expects (a ValueError; a job ends
+    with its sentence)."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,26 @@ class VQAQuestion:
     question_id: int
     image_path: Path
     question: str
-    answers: tuple = ()  # the annotators' answers as written; empty without annotations (test-dev)
+    answers: tuple = ()  # the annotators' answers as written (VG: its one answer); empty for test-dev
+    dataset: str = VQA_V2  # or VISUAL_GENOME
+    source: str = field(default="", compare=False)  # the file it was read from, for counts per source
+
+
+@dataclass(frozen=True)
+class VQASource:
+    """One set of VQA training questions as downloaded: VQA v2's questions, annotations and image folder (with
+    its image-name template, else the caller's), or Visual Genome's question_answers.json and image folder."""
+    dataset: str  # VQA_V2 or VISUAL_GENOME
+    questions: Path  # VQA v2's questions file, or VG's question_answers.json
+    images: Path
+    annotations: Path = None  # VQA v2 only
+    image_name: str = None  # VQA v2 only
+
+    def read(self, image_name: str = COCO_IMAGE_NAME) -> tuple:
+        """(questions [VQAQuestion], problems) of the source."""
+        if self.dataset == VISUAL_GENOME:
+            return read_visual_genome_qa(self.questions, self.images)
+        return read_vqa(self.questions, self.images, self.annotations, self.image_name or image_name)
 
 
 @dataclass(frozen=True)
@@ -202,10 +234,79 @@ def read_vqa(questions_path, image_root, annotations_path=None, image_name: str 
         if not image_files.exist(image_path):
             missing += 1
             continue
-        records.append(VQAQuestion(question_id, image_path, question, answers))
+        records.append(VQAQuestion(question_id, image_path, question, answers, VQA_V2, str(questions_path)))
     problems[MISSING_IMAGE] += missing
     image_files.warn(questions_path, missing)
     return _require_some(records, questions_path, +problems, image_files, "question"), +problems
+
+
+# ---------------------------------------------------------------- Visual Genome QA
+
+
+def _vg_image_index(image_root: Path) -> dict:
+    """Image id -> its ``<image id>.jpg`` in IMAGE_ROOT, IMAGE_ROOT/VG_100K or IMAGE_ROOT/VG_100K_2 (the first
+    found): one listing per folder rather than a look-up per image, VG's 108,077 images being in two folders."""
+    index = {}
+    for folder in (image_root, *(image_root / name for name in VG_IMAGE_FOLDERS)):
+        if folder.is_dir():
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    stem, extension = os.path.splitext(entry.name)
+                    if extension == ".jpg" and stem.isdigit() and entry.is_file():
+                        index.setdefault(int(stem), folder / entry.name)
+    return index
+
+
+def _is_vg_image(entry) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("qas"), list)
+
+
+def _parse_vg_qa(qa, image_id) -> tuple:
+    """(qa_id, image id, question, answer) of one of an image's questions; ``image_id`` is the image entry's,
+    None where it has none."""
+    if not isinstance(qa, dict):
+        raise ValueError("not a JSON object")
+    if qa.get("image_id") is not None or image_id is None:
+        image_id = _field(qa, "image_id", int)
+    return _field(qa, "qa_id", int), image_id, _field(qa, "question", str), _field(qa, "answer", str)
+
+
+def read_visual_genome_qa(path, image_root) -> tuple:
+    """Returns (questions [VQAQuestion], problems) of Visual Genome's question_answers.json: each question with its
+    one answer (``dataset`` VISUAL_GENOME) and its image in ``image_root`` (``_vg_image_index``)."""
+    path, image_root, problems = Path(path), Path(image_root), Counter()
+    entries = _load_json(path, "Visual Genome QA")
+    if not isinstance(entries, list) or (entries and not any(map(_is_vg_image, entries))):
+        raise FinetuneDataError(f"{path} is not a Visual Genome QA file: expected VG's question_answers.json, a JSON "
+                                "list of images each with a 'qas' list")
+    images = _vg_image_index(image_root)
+    records, missing, first_missing = [], 0, None
+    for number, entry in enumerate(entries, 1):
+        if not _is_vg_image(entry):
+            _skip(problems, MALFORMED_ENTRY, path, f"entry {number}", ValueError("'qas' is missing or not a list"))
+            continue
+        image_id = entry.get("id", entry.get("image_id"))
+        image_id = image_id if isinstance(image_id, int) and not isinstance(image_id, bool) else None
+        for qa_number, qa in enumerate(entry["qas"], 1):
+            try:
+                qa_id, qa_image_id, question, answer = _parse_vg_qa(qa, image_id)
+            except ValueError as error:
+                _skip(problems, MALFORMED_ENTRY, path, f"entry {number} question {qa_number}", error)
+                continue
+            image_path = images.get(qa_image_id)
+            if image_path is None:
+                missing += 1
+                first_missing = qa_image_id if first_missing is None else first_missing
+                continue
+            records.append(VQAQuestion(qa_id, image_path, question, (answer, ), VISUAL_GENOME, str(path)))
+    problems[MISSING_IMAGE] += missing
+    where = f"{first_missing}.jpg in {image_root} or its {' or '.join(VG_IMAGE_FOLDERS)}"
+    if missing:
+        logger.warning("%s: skipped %d questions whose image is missing (first: no %s)", path, missing, where)
+    if not records:
+        hint = f"; is the image folder right? (no {where})" if missing else ""
+        raise FinetuneDataError(f"{path} has no usable question (skipped: {dict(+problems) or 'none'}){hint}")
+    return records, +problems
 
 
 def read_answer_list(path) -> list:

@@ -12,19 +12,32 @@ import torch
 from eve_ds.data.dataset import load_image
 from eve_ds.data.text import EmptyText, may_mirror, pre_caption, pre_question
 from eve_ds.finetune.annotations import (ANSWER_NOT_IN_LIST, EMPTY_ONCE_NORMALISED, IMAGE_WITHOUT_CAPTIONS,
-                                         QUESTION_WITHOUT_KNOWN_ANSWER, FinetuneDataError, VQAQuestion, answer_index)
+                                         QUESTION_WITHOUT_KNOWN_ANSWER, VISUAL_GENOME, FinetuneDataError, VQAQuestion,
+                                         answer_index)
 from eve_ds.finetune.metrics import vqa_soft_target
 
 TEXT_LENGTH = 40
 # The authors' word limits (their dataset classes): VQA questions 30 words in training, 50 in evaluation; NLVR2
 # sentences 40; retrieval captions 30, in training and evaluation.
 VQA_TRAIN_WORDS, VQA_EVAL_WORDS, NLVR2_WORDS, RETRIEVAL_WORDS = 30, 50, 40, 30
+# The authors' soft score of a Visual Genome answer (their vqa_dataset: a "vg" row's one answer weighs 1.0), where
+# one VQA v2 annotator's answer scores 0.3.
+VG_ANSWER_SCORE = 1.0
 
 
 def may_flip(question: VQAQuestion) -> bool:
     """A training image is mirrored only when neither its question nor any answer names a side, as written
     (``text.may_mirror``): a mirrored image would make them false."""
     return may_mirror(question.question, *question.answers)
+
+
+def soft_target(question: VQAQuestion, answer_index: dict) -> tuple:
+    """({answer id: soft score}, answers outside the list) of a question: VQA v2's 0.3 / 0.6 / 0.9 / 1.0 by the
+    number of annotators (``metrics.vqa_soft_target``), VG_ANSWER_SCORE for a Visual Genome answer."""
+    target, unknown = vqa_soft_target(question.answers, answer_index)
+    if question.dataset == VISUAL_GENOME:
+        target = {answer: VG_ANSWER_SCORE for answer in target}
+    return target, unknown
 
 
 def _normalised_captions(images, max_words: int, normalize_text: bool, problems: Counter) -> list:
@@ -55,8 +68,8 @@ def _require_some(items: list, what: str, problems: Counter) -> list:
 
 class VQADataset(torch.utils.data.Dataset):
     """Each item: {"images" [3, S, S], "text_ids", "text_padding_mask" [text length], "targets" [answers]
-    (soft scores), "question_ids"}. In training, a question with no answer in the list is left out, and an
-    image is mirrored with probability 1/2, drawn from (seed, epoch, index), when ``may_flip`` allows it.
+    (soft scores, ``soft_target``), "question_ids"}. In training, a question with no answer in the list is left
+    out, and an image is mirrored with probability 1/2, drawn from (seed, epoch, index), when ``may_flip`` allows it.
     Questions are normalised by ``pre_question`` to VQA_TRAIN_WORDS words in training, VQA_EVAL_WORDS else."""
 
     def __init__(self, questions, answers: list, tokenizer, image_size: int, train: bool, seed: int = 0,
@@ -67,7 +80,7 @@ class VQADataset(torch.utils.data.Dataset):
         index = answer_index(answers)
         self.questions, self.targets = [], []
         for question in questions:
-            target, unknown = vqa_soft_target(question.answers, index)
+            target, unknown = soft_target(question, index)
             if unknown:
                 self.problems[ANSWER_NOT_IN_LIST] += len(unknown)
             if train and not target:

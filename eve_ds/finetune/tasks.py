@@ -4,6 +4,7 @@ each rank takes an equal share of the items, padded where they do not divide, an
 """
 import argparse
 import json
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -12,7 +13,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from eve_ds.finetune.annotations import read_answer_list, read_karpathy, read_nlvr2, read_vqa
+from eve_ds.errors import UsageError
+from eve_ds.finetune.annotations import (VISUAL_GENOME, VQA_V2, VQASource, read_answer_list, read_karpathy, read_nlvr2,
+                                         read_vqa)
 from eve_ds.finetune.datasets import NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset
 from eve_ds.finetune.metrics import accuracy, rerank, retrieval_recall, vqa_accuracy
 from eve_ds.finetune.nlvr2 import HEADS as NLVR2_HEADS, NLVR2Model
@@ -25,16 +28,39 @@ TASKS = ("vqa", "nlvr2", "retrieval")
 MODELS = {"vqa": VQAModel, "nlvr2": NLVR2Model, "retrieval": RetrievalModel}
 # Inputs of the datasets' items that are not the model's.
 NOT_MODEL_INPUTS = ("question_ids", )
+SOURCE_FORMS = "vqa:QUESTIONS:ANNOTATIONS:IMAGES[:IMAGE_NAME] or vg:QUESTION_ANSWERS:IMAGES"
+SINGLE_SOURCE_OPTIONS = ("train_questions", "train_annotations", "train_images")
+
+logger = logging.getLogger(__name__)
+
+
+def parse_train_source(text: str) -> VQASource:
+    """``vqa:QUESTIONS:ANNOTATIONS:IMAGES[:IMAGE_NAME]`` or ``vg:QUESTION_ANSWERS:IMAGES``; an image-name template
+    keeps its colons (``COCO_{folder}_{image_id:012d}.jpg``)."""
+    dataset, _, rest = text.partition(":")
+    parts = rest.split(":", 3) if dataset == VQA_V2 else rest.split(":")
+    if dataset == VQA_V2 and len(parts) >= 3 and all(parts[:3]):
+        questions, annotations, images = map(Path, parts[:3])
+        return VQASource(VQA_V2, questions, images, annotations, parts[3] if len(parts) == 4 and parts[3] else None)
+    if dataset == VISUAL_GENOME and len(parts) == 2 and all(parts):
+        return VQASource(VISUAL_GENOME, Path(parts[0]), Path(parts[1]))
+    raise argparse.ArgumentTypeError(f"'{text}' is not {SOURCE_FORMS}")
 
 
 def add_data_arguments(parser):
     """Each task's annotation files and image folders (the defaults are the shipped tiny examples), the text
     normalisation and NLVR2's head."""
     vqa, nlvr2, retrieval = EXAMPLES / "vqa", EXAMPLES / "nlvr2", EXAMPLES / "retrieval"
-    group = parser.add_argument_group("VQA v2 data (official layout)")
-    group.add_argument("--train-questions", default=str(vqa / "v2_OpenEnded_shapes_train_questions.json"))
-    group.add_argument("--train-annotations", default=str(vqa / "v2_shapes_train_annotations.json"))
-    group.add_argument("--train-images", default=str(vqa / "images/train"), help="image folder of the training split")
+    group = parser.add_argument_group("VQA v2 data (official layout), Visual Genome QA for training")
+    group.add_argument("--train-questions", help="the training split's questions (default: the shipped example's)")
+    group.add_argument("--train-annotations", help="the training split's annotations (default: the example's)")
+    group.add_argument("--train-images", help="image folder of the training split (default: the example's)")
+    group.add_argument("--train-source", action="append", type=parse_train_source, metavar="SOURCE",
+                       help=f"a set of training questions, {SOURCE_FORMS}; repeat it to train on all of them, in the "
+                            "order given (the authors: VQA v2 train, val and Visual Genome QA), in place of "
+                            "--train-questions/--train-annotations/--train-images. IMAGE_NAME defaults to "
+                            "--image-name; QUESTION_ANSWERS is VG's question_answers.json, its images "
+                            "IMAGES/VG_100K/<image id>.jpg or IMAGES/VG_100K_2/<image id>.jpg")
     group.add_argument("--val-questions", default=str(vqa / "v2_OpenEnded_shapes_val_questions.json"))
     group.add_argument("--val-annotations", default=str(vqa / "v2_shapes_val_annotations.json"),
                        help="'' for a split without answers (test-dev): tools/evaluate.py then writes the results "
@@ -42,7 +68,8 @@ def add_data_arguments(parser):
     group.add_argument("--val-images", default=str(vqa / "images/val"))
     group.add_argument("--answer-list", default=str(vqa / "answer_list.json"), help="JSON list of the answers")
     group.add_argument("--image-name", default="shapes_{folder}_{image_id:06d}.png",
-                       help="image file name template (COCO: 'COCO_{folder}_{image_id:012d}.jpg')")
+                       help="VQA v2 image file name template, {folder} the image folder's name (COCO: "
+                            "'COCO_{folder}_{image_id:012d}.jpg')")
     group = parser.add_argument_group("NLVR2 data (official layout)")
     group.add_argument("--nlvr2-train", default=str(nlvr2 / "train.json"))
     group.add_argument("--nlvr2-train-images", default=str(nlvr2 / "images/train"))
@@ -74,12 +101,9 @@ def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str
     normalize_text = args.normalize_text
     if name == "vqa":
         answers = read_answer_list(args.answer_list)
-        train, train_problems = read_vqa(args.train_questions, args.train_images, args.train_annotations,
-                                         args.image_name)
+        train_set = _vqa_training_set(args, answers, tokenizer, image_size, seed)
         evaluation, val_problems = read_vqa(args.val_questions, args.val_images, args.val_annotations or None,
                                             args.image_name)
-        train_set = VQADataset(train, answers, tokenizer, image_size, train=True, seed=seed, problems=train_problems,
-                               normalize_text=normalize_text)
         val_set = VQADataset(evaluation, answers, tokenizer, image_size, train=False, problems=val_problems,
                              normalize_text=normalize_text)
         val_set.answers = answers
@@ -97,6 +121,41 @@ def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str
         val_set = RetrievalEvalSet(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
         return Task(name, train_set, val_set, train_set.problems + val_set.problems, {})
     raise ValueError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
+
+
+def vqa_train_sources(args) -> list:
+    """--train-source's sources, or else the one VQA v2 split of --train-questions, --train-annotations and
+    --train-images (each the shipped example's where not given)."""
+    given = [f"--{name.replace('_', '-')}" for name in SINGLE_SOURCE_OPTIONS if getattr(args, name) is not None]
+    if args.train_source:
+        if given:
+            raise UsageError(f"{' and '.join(given)} and --train-source both name VQA training data; give that split "
+                             "as one more --train-source vqa:QUESTIONS:ANNOTATIONS:IMAGES")
+        if len(set(args.train_source)) < len(args.train_source):
+            raise UsageError("a --train-source is given twice")
+        return list(args.train_source)
+    vqa = EXAMPLES / "vqa"
+    return [VQASource(VQA_V2, Path(args.train_questions or vqa / "v2_OpenEnded_shapes_train_questions.json"),
+                      Path(args.train_images or vqa / "images/train"),
+                      Path(args.train_annotations or vqa / "v2_shapes_train_annotations.json"))]
+
+
+def _vqa_training_set(args, answers: list, tokenizer, image_size: int, seed: int) -> VQADataset:
+    """One training set of every source's questions (``vqa_train_sources``), in order; logs each source's count of
+    questions, read and kept."""
+    questions, problems, counts = [], Counter(), []
+    for source in vqa_train_sources(args):
+        read, skipped = source.read(args.image_name)
+        questions += read
+        problems += skipped
+        counts.append((source, len(read), skipped))
+    train_set = VQADataset(questions, answers, tokenizer, image_size, train=True, seed=seed, problems=problems,
+                           normalize_text=args.normalize_text)
+    kept = Counter(question.source for question in train_set.questions)
+    for source, read, skipped in counts:
+        logger.info("VQA training source %s %s: %d questions, %d with an answer in the list (skipped at reading: %s)",
+                    source.dataset, source.questions, read, kept[str(source.questions)], dict(skipped) or "none")
+    return train_set
 
 
 def model_inputs(batch: dict) -> dict:
