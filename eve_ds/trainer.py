@@ -196,10 +196,11 @@ class Job:
         return {}
 
 
-def is_bad_step(record: dict) -> bool:
+def is_bad_step(skipped: bool, loss: float, grad_norm) -> bool:
     """A step whose update cannot be trusted: DeepSpeed skipped it (an overflow), or its loss or gradient norm is
-    not finite (under bf16 and fp32 there is no loss scaler to skip it)."""
-    return record["step_skipped"] or not (math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]))
+    not finite (under bf16 and fp32 there is no loss scaler to skip it). ``grad_norm`` is None where the engine
+    does not compute one (ZeRO stage 0), which says nothing against the step."""
+    return skipped or not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
 
 
 @dataclass
@@ -266,7 +267,7 @@ class Loop:
                       "step_skipped": engine.skipped_steps > skipped_before,
                       "samples_per_s": step_counts["samples"] / step_time, "step_time_s": step_time,
                       "data_wait_s": data_wait, **job.step_record(step, step_counts, step_time)}
-            bad_steps = bad_steps + 1 if is_bad_step(record) else 0
+            bad_steps = bad_steps + 1 if is_bad_step(record["step_skipped"], record["loss"], grad_norm) else 0
             if bad_steps and is_main:
                 progress.write(f"step {step}/{self.steps}: loss {record['loss']:.4g}, grad_norm "
                                f"{record['grad_norm']:.4g}, optimizer step {'skipped' if record['step_skipped'] else 'taken'}"

@@ -34,6 +34,8 @@ def test_a_fresh_start_and_a_resume_rewrite_the_metrics_file(tmp_path):
     (True, 2.0, 1.0, True),  # DeepSpeed skipped the update (an overflow)
     (False, math.nan, 1.0, True),  # bf16 and fp32 have no loss scaler to skip it: the loop looks itself
     (False, 2.0, math.inf, True),
+    (False, 2.0, None, False),  # ZeRO stage 0 computes no gradient norm: every step would count as bad
+    (False, math.nan, None, True),
 ])
 def test_a_step_is_bad_when_skipped_or_not_finite(skipped, loss, grad_norm, bad):
-    assert is_bad_step({"step_skipped": skipped, "loss": loss, "grad_norm": grad_norm}) is bad
+    assert is_bad_step(skipped, loss, grad_norm) is bad
