@@ -21,7 +21,9 @@ from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
+from eve_ds.data.sources import check_source_exists
 from eve_ds.data.stream import REASONS, validation_batches
+from eve_ds.data.tokenizer import role_and_token
 from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
 from eve_ds.errors import ArgumentParser
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
@@ -61,7 +63,7 @@ def parse_args(argv=None):
                              "samples per loader worker)")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer.json (default: the one beside the first data source, or in the folder above)")
-    parser.add_argument("--special-token", action="append", default=[], metavar="ROLE=TOKEN",
+    parser.add_argument("--special-token", action="append", default=[], type=role_and_token, metavar="ROLE=TOKEN",
                         help="names the tokenizer's token for a role (cls, sep, pad, mask, unk) where its usual "
                              "names do not find it; repeatable")
     parser.add_argument("--routing-embedding-to-experts", action=argparse.BooleanOptionalAction, default=None,
@@ -113,9 +115,7 @@ def parse_args(argv=None):
     if args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
     for spec in args.data + [args.val_data] * bool(args.val_data):
-        path = Path(spec.removeprefix("file://"))
-        if "{" not in spec and not path.exists():
-            parser.error(f"data source {spec} does not exist")
+        check_source_exists(spec)
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
     args.data_weights = args.data_weights or [1.0] * len(args.data)
     if len(args.data_weights) != len(args.data):
@@ -123,12 +123,8 @@ def parse_args(argv=None):
     if any(not weight > 0 for weight in args.data_weights):
         parser.error(f"--data-weights must be positive, got {' '.join(map(str, args.data_weights))}")
     args.tokenizer = Path(args.tokenizer or default_tokenizer(args.data[0]))
-    malformed = [item for item in args.special_token if "=" not in item]
-    if malformed:
-        parser.error(f"--special-token wants ROLE=TOKEN, got {', '.join(malformed)}")
-    args.special_token = dict(item.split("=", 1) for item in args.special_token)
+    args.special_token = dict(args.special_token)
     return args
-
 
 
 def default_tokenizer(source: str) -> Path:

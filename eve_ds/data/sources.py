@@ -52,6 +52,17 @@ def open_source(spec: str, index_cache=None) -> Source:
     return Source(spec, tuple(shards), tuple(counts), False)
 
 
+def check_source_exists(spec: str):
+    """What ``open_source`` refuses first, without reading or counting anything: cheap enough for every rank to
+    check before the distributed start."""
+    spec = str(spec).removeprefix("file://")
+    if spec.endswith(".jsonl"):
+        if not Path(spec).is_file():
+            raise DataError(f"data source {spec} does not exist")
+        return
+    _check_exist(spec, expand_pattern(spec))
+
+
 def _check_exist(spec: str, shards: list):
     """One listing per folder rather than a look-up per shard: a set may have 100,000 shards on a network disk."""
     if not shards:
