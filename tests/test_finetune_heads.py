@@ -563,17 +563,22 @@ def _bf16_masters_worker(folder, stage):
     print("RESULT " + json.dumps({"rounded": rounded, "restored": largest_error()}))
 
 
+def one_rank(worker: str, folder, stage: int) -> dict:
+    """Runs ``worker(folder, stage)`` of this module as one torch.distributed rank (gloo) in a process of its own;
+    returns what it printed after RESULT."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
+    code = f"from tests.test_finetune_heads import {worker}; {worker}({str(folder)!r}, {stage})"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.split("RESULT ")[-1])
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_fine_tuning_starts_its_masters_from_the_fp32_weights(checkpoint, stage):
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-    worker = (f"from tests.test_finetune_heads import _bf16_masters_worker; "
-              f"_bf16_masters_worker({str(checkpoint[0])!r}, {stage})")
-    result = subprocess.run([sys.executable, "-c", worker], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    errors = json.loads(result.stdout.split("RESULT ")[-1])
+    errors = one_rank("_bf16_masters_worker", checkpoint[0], stage)
     assert errors["rounded"] > 1e-5  # DeepSpeed made the masters from the bf16 weights
     assert errors["restored"] == 0.0
 
@@ -608,14 +613,7 @@ def test_nlvr2_two_passes_train_under_zero3_as_under_zero2(checkpoint):
     run once per side, gather theirs at each call: the steps are ZeRO-2's."""
     results = {}
     for stage in (2, 3):
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}
-        worker = (f"from tests.test_finetune_heads import _nlvr2_steps_worker; "
-                  f"_nlvr2_steps_worker({str(checkpoint[0])!r}, {stage})")
-        result = subprocess.run([sys.executable, "-c", worker], cwd=REPO, env=env, capture_output=True, text=True,
-                                timeout=300)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        results[stage] = json.loads(result.stdout.split("RESULT ")[-1])
+        results[stage] = one_rank("_nlvr2_steps_worker", checkpoint[0], stage)
     assert results[3]["partitioned"] and not results[2]["partitioned"]
     assert results[3]["losses"] == pytest.approx(results[2]["losses"], rel=1e-5)
     assert results[2]["losses"][-1] < results[2]["losses"][0]
