@@ -225,12 +225,19 @@ class Loop:
         checkpoint and exits with EXIT_REQUEUE (also, without a checkpoint, when the signal comes while a rank
         waits for data). After ``max_bad_steps`` bad steps in a row it raises TrainingDiverged; no checkpoint is
         written while the newest steps are bad, so the last good ones are never rotated away."""
+        # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
+        progress = tqdm(total=self.steps, initial=start_step,
+                        disable=not (dist.get_rank() == 0 and sys.stderr.isatty()), desc=self.description, unit="step")
+        try:
+            return self._train(start_step, progress)
+        finally:  # however the run ends
+            progress.close()
+            self.run_log.close()
+
+    def _train(self, start_step: int, progress) -> list:
         engine, job, device = self.engine, self.job, self.engine.device
         rank, world_size = dist.get_rank(), dist.get_world_size()
         is_main = rank == 0
-        # The bar is for terminals; batch logs (CI, SLURM) get the periodic log lines only.
-        progress = tqdm(total=self.steps, initial=start_step, disable=not (is_main and sys.stderr.isatty()),
-                        desc=self.description, unit="step")
         step_times, count_names, bad_steps = [], None, 0
         for step in range(start_step + 1, self.steps + 1):
             started = time.perf_counter()
@@ -242,7 +249,7 @@ class Loop:
                     with self.stop.interruptible():
                         batch = next(self.batches)
                 except StoppedWaiting:
-                    self._exit_waiting(step, progress)
+                    self._exit_waiting(step)
                 data_wait += time.perf_counter() - waiting
                 inputs, micro_counts = job.inputs(batch)
                 count_names = count_names or tuple(micro_counts)
@@ -269,9 +276,10 @@ class Loop:
                       "data_wait_s": data_wait, **job.step_record(step, step_counts, step_time)}
             bad_steps = bad_steps + 1 if is_bad_step(record["step_skipped"], record["loss"], grad_norm) else 0
             if bad_steps and is_main:
+                taken = "skipped" if record["step_skipped"] else "taken"
                 progress.write(f"step {step}/{self.steps}: loss {record['loss']:.4g}, grad_norm "
-                               f"{record['grad_norm']:.4g}, optimizer step {'skipped' if record['step_skipped'] else 'taken'}"
-                               f": {bad_steps} bad step(s) in a row (the run stops at {self.max_bad_steps})")
+                               f"{record['grad_norm']:.4g}, optimizer step {taken}: {bad_steps} bad step(s) in a "
+                               f"row (the run stops at {self.max_bad_steps})")
             if step % self.log_interval == 0 or step == self.steps:
                 record["expert_load"] = summarize_expert_load(self.moe_layers, [all_reduce(load) for load in loads])
                 if is_main:
@@ -286,8 +294,6 @@ class Loop:
             progress.update(1)
             progress.set_postfix(loss=f"{step_losses[0]:.3f}")
             if bad_steps >= self.max_bad_steps > 0:
-                progress.close()
-                self.run_log.close()
                 latest = self.checkpoints.dir / "latest"
                 kept = (f"the newest checkpoint, {self.checkpoints.dir / latest.read_text().strip()}, is from "
                         f"before them" if latest.is_file() else "no checkpoint was written before them")
@@ -304,19 +310,13 @@ class Loop:
             elif saved:
                 self.checkpoints.save(engine, step, job.client_state(), job.write_files)
             if stopping:
-                progress.close()
-                self.run_log.close()
                 logger.warning("stopped on %s after step %d%s; exiting %d for a requeue",
                                self.stop.signal_name or "a signal to another rank", step,
                                "" if bad_steps else " with its checkpoint written", EXIT_REQUEUE)
                 sys.exit(EXIT_REQUEUE)
-        progress.close()
-        self.run_log.close()
         return step_times
 
-    def _exit_waiting(self, step: int, progress):
-        progress.close()
-        self.run_log.close()
+    def _exit_waiting(self, step: int):
         logger.warning("stopped on %s while waiting for the data of step %d, which did not come within %g s: "
                        "no checkpoint written (the run resumes from its newest complete one); exiting %d for a "
                        "requeue", self.stop.signal_name, step, self.stop.grace_s, EXIT_REQUEUE)
