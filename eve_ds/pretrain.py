@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import saved_model_config
-from eve_ds.checkpoint.pretrained import load_weights
+from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, held_model, load_weights
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
@@ -240,6 +240,9 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints, layout,
                                  parameter_counts(config).total)
     universal = load_universal(args.resume_from) if args.resume_from else None
+    if universal is not None and held_model(args.resume_from).task != PRETRAINING:
+        raise CheckpointError(f"{args.resume_from} holds {held_model(args.resume_from).describe()}, not a pre-training "
+                              "run's: pre-training resumes only from its own checkpoints")
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
         source = args.resume_from or resume_tag
@@ -299,7 +302,8 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
                        "stream starts from its beginning")
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
-    client_state = {"model_config": config.to_dict(), "masking": masking.__dict__, "seed": args.seed}
+    client_state = {"model_config": config.to_dict(), "task": PRETRAINING, "masking": masking.__dict__,
+                    "seed": args.seed}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
     job.write_files = tokenizer.save
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,

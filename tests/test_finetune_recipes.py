@@ -30,6 +30,10 @@ def test_the_authors_recipes():
     assert (coco.image_size, coco.global_batch_size, coco.lr, coco.lr_multiplier, coco.warmup_fraction,
             coco.grad_clip, coco.k_test) == (384, 256, 3e-5, 10, 0.1, 1.0, 128)
     assert recipe("retrieval-coco", "eve-large").lr == 5e-5
+    # Training augmentation: VQA's RandomAugment always; the README's aug=rand (NLVR2) and augmentation=color.
+    assert [recipe(task, "eve-base").augmentation for task in TASKS] == ["rand", "rand", "color", "color"]
+    assert all(recipe(task, model).augmentation == recipe(task, "eve-base").augmentation
+               for task in TASKS for model in MODELS)
     for task in TASKS:
         for model in ("eve-base", "eve-large"):
             common = recipe(task, model)

@@ -108,7 +108,11 @@ def test_zero_is_a_value_where_it_means_something():
 
 
 def test_evaluation_takes_the_head_a_run_trained_with_from_its_checkpoint():
-    assert trained_head_options({}, "nlvr2", {"head": "biattn"}) == {"head": "biattn"}  # nothing saved: as asked
-    assert trained_head_options({"head_options": {}}, "nlvr2", {"head": "biattn"}) == {"head": "mlp"}  # before the choice
-    assert trained_head_options({"head_options": {"head": "biattn"}}, "nlvr2", {"head": "mlp"}) == {"head": "biattn"}
-    assert trained_head_options({"head_options": {}}, "retrieval", {}) == {}
+    def trained(states, task, asked):
+        return trained_head_options(states, task, asked, "runs/x/checkpoints/step_1")
+    assert trained({}, "nlvr2", {"head": "biattn"}) == {"head": "biattn"}  # nothing saved: as asked
+    assert trained({"head_options": {}}, "nlvr2", {"head": "biattn"}) == {"head": "mlp"}  # before the choice
+    assert trained({"head_options": {"head": "biattn"}}, "nlvr2", {"head": "mlp"}) == {"head": "biattn"}
+    assert trained({"head_options": {}}, "retrieval", {}) == {}
+    with pytest.raises(UsageError, match="holds a vqa head with num_answers 9, but this job's data makes num_answers 7"):
+        trained({"head_options": {"num_answers": 9}}, "vqa", {"num_answers": 7})

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from eve_ds.checkpoint import load_pretrained, save_pretrained
+from eve_ds.checkpoint.pretrained import HeldModel, held_model
 from eve_ds.checkpoint.released import backbone, from_released, import_released, to_released
 from eve_ds.config import preset
 from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
@@ -136,10 +137,11 @@ def test_export_then_import_is_the_identity(consolidated, tmp_path):
     original, config = load_pretrained(consolidated)
     imported, imported_config = load_pretrained(tmp_path / "imported")
     assert imported_config == config
-    assert imported.keys() == {name for name in original if name.startswith("encoder.")}
+    assert imported.keys() == original.keys()  # the pre-training heads travel too, under eve_ds_pretraining.
     for name, tensor in imported.items():
         assert torch.equal(tensor, original[name]), name
-    EVE.from_pretrained(tmp_path / "imported")  # strict
+    assert held_model(tmp_path / "imported") == HeldModel("pretraining")
+    MaskedSignalModeling.from_pretrained(tmp_path / "imported")  # strict
 
 
 def authors_style_file(consolidated, path):
@@ -158,9 +160,12 @@ def test_import_reads_the_authors_files(consolidated, tmp_path):
     result = convert_cli("import", tmp_path / "authors.pth", tmp_path / "out")
     assert result.returncode == 2 and "--model" in result.stderr and not (tmp_path / "out").exists()
 
-    encoder, config, notes = import_released(tmp_path / "authors.pth", CONFIG.replace(vocab_size=64000))
+    state_dict, config, held, notes = import_released(tmp_path / "authors.pth", CONFIG.replace(vocab_size=64000))
     assert config == CONFIG  # vocabulary, image and text lengths come from the file
-    assert any("mask_embed_vision" in note for note in notes) and any("left out 1" in note for note in notes)
+    assert held.task == "encoder"  # a matching head's weight alone is no retrieval head
+    assert any("mask_embed_vision" in note for note in notes)
+    assert any("1 tensors outside 'backbone.' left out" in note and "itm_head.weight" in note for note in notes)
+    encoder = {name.removeprefix("encoder."): tensor for name, tensor in state_dict.items()}
     assert torch.equal(encoder["vision_mask_embed"], torch.zeros(1, 1, 128))
     for name, tensor in encoder.items():
         if name != "vision_mask_embed":

@@ -1,12 +1,14 @@
-"""Consolidate an eve-ds DeepSpeed checkpoint (any ZeRO stage, data- and expert-parallel size) into one
-folder of weights for fine-tuning: model.safetensors + config.json, and the run's tokenizer (tokenizer.json,
-special_tokens.json) where the checkpoint holds it.
+"""Consolidate an eve-ds DeepSpeed checkpoint (any ZeRO stage, data- and expert-parallel size) of a pre-training
+or a fine-tuning run into one folder of weights: model.safetensors + config.json (which says what model it holds),
+and the run's tokenizer (tokenizer.json, special_tokens.json) where the checkpoint holds it.
 
     python tools/consolidate.py runs/eve-tiny/checkpoints runs/eve-tiny/consolidated [--tag step_00000200]
+    python tools/consolidate.py runs/finetune-vqa/checkpoints runs/finetune-vqa/consolidated
 
-Load it with ``eve_ds.model.EVE.from_pretrained(OUT)`` (encoder) or
-``eve_ds.objectives.MaskedSignalModeling.from_pretrained(OUT)`` (with the pre-training heads).
-Runs offline on CPU without launching ranks.
+Load it with ``eve_ds.model.EVE.from_pretrained(OUT)`` (the encoder of any folder),
+``eve_ds.objectives.MaskedSignalModeling.from_pretrained(OUT)`` (a pre-training run's, with its heads) or a task
+model's ``from_pretrained(OUT)`` (a fine-tuning run's, with its head); ``launch/finetune.py --pretrained OUT`` and
+``tools/evaluate.py --pretrained OUT`` take it too. Runs offline on CPU without launching ranks.
 """
 import argparse
 import resource
@@ -36,10 +38,11 @@ def main(argv=None):
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     save_pretrained(args.out, checkpoint.state_dict, checkpoint.model_config, dtype,
                     source={"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage,
-                            "step": checkpoint.step}, tokenizer=checkpoint.tokenizer)
+                            "step": checkpoint.step}, tokenizer=checkpoint.tokenizer, held=checkpoint.held)
     count = sum(t.numel() for t in checkpoint.state_dict.values())
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"consolidated {checkpoint.source} (ZeRO-{checkpoint.zero_stage}, step {checkpoint.step}): "
+    print(f"consolidated {checkpoint.held.describe()} of {checkpoint.source} (ZeRO-{checkpoint.zero_stage}, step "
+          f"{checkpoint.step}): "
           f"{len(checkpoint.state_dict)} tensors, {count / 1e6:.2f}M parameters, {args.dtype} -> {args.out} "
           f"in {time.perf_counter() - started:.1f} s, peak memory {peak_mib:.0f} MiB")
 

@@ -4,11 +4,14 @@
     python tools/convert_released.py import EVE_base.pth runs/eve-base-released --model eve-base \\
         --tokenizer eve_tokenizer.json
 
-``export`` takes a consolidated folder (tools/consolidate.py) and writes ``{"model": {"backbone.…"}}`` as
-the authors' fine-tuning code loads it. ``import`` takes such a file (the authors' pre-trained or
-fine-tuned weights, or an export) and writes a consolidated folder of the encoder, which
-``eve_ds.model.EVE.from_pretrained`` loads, with the tokenizer of ``--tokenizer`` (its vocabulary checked against
-the token table), which fine-tuning then takes from the folder. The key mapping is eve_ds/checkpoint/released.py.
+``export`` takes a consolidated folder (tools/consolidate.py, of any run) and writes ``{"model": {"backbone.…",
+the task head}}`` as the authors' code loads it: a fine-tuned VQA, NLVR2 or retrieval model's head under their names,
+so that their ``--evaluate`` re-initialises nothing. ``import`` takes such a file (the authors' pre-trained or
+fine-tuned weights, or an export) and writes a consolidated folder of the encoder and the task head the file holds,
+its config.json saying which (``launch/finetune.py --pretrained OUT`` continues from that head,
+``tools/evaluate.py --pretrained OUT`` evaluates it), with the tokenizer of ``--tokenizer`` (its vocabulary checked
+against the token table), which fine-tuning then takes from the folder. The key mapping is
+eve_ds/checkpoint/released.py.
 """
 import argparse
 import sys
@@ -46,11 +49,12 @@ def main(argv=None):
         parser.error("--special-token names tokens of the --tokenizer file; give that file too")
     started = time.perf_counter()
     if args.command == "export":
-        export_released(args.consolidated, args.out)
-        print(f"exported {args.consolidated} -> {args.out} in {time.perf_counter() - started:.1f} s")
+        held = export_released(args.consolidated, args.out)
+        print(f"exported {held.describe()} of {args.consolidated} -> {args.out} in "
+              f"{time.perf_counter() - started:.1f} s")
         return
-    encoder, config, notes = import_released(args.checkpoint, preset(args.model) if args.model else None,
-                                             args.allow_pickle)
+    state_dict, config, held, notes = import_released(args.checkpoint, preset(args.model) if args.model else None,
+                                                      args.allow_pickle)
     tokenizer = None
     if args.tokenizer is not None:
         tokenizer = TextTokenizer(args.tokenizer, config.max_text_len, dict(args.special_token))
@@ -59,10 +63,10 @@ def main(argv=None):
         notes.append(f"no --tokenizer: {args.out} holds none, so fine-tuning must be given it with --tokenizer")
     for note in notes:
         print(f"note: {note}")
-    save_pretrained(args.out, {f"encoder.{name}": tensor for name, tensor in encoder.items()}, config,
-                    source={"released_checkpoint": str(args.checkpoint)}, tokenizer=tokenizer)
-    print(f"imported {args.checkpoint} ({len(encoder)} tensors, {config.num_layers} layers, MoE in "
-          f"{list(config.moe_layers)}) -> {args.out} in {time.perf_counter() - started:.1f} s")
+    save_pretrained(args.out, state_dict, config, source={"released_checkpoint": str(args.checkpoint)},
+                    tokenizer=tokenizer, held=held)
+    print(f"imported {held.describe()} of {args.checkpoint} ({len(state_dict)} tensors, {config.num_layers} layers, "
+          f"MoE in {list(config.moe_layers)}) -> {args.out} in {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ ranks that hold the same experts), and expert names are local to their expert-pa
 ZeRO stage 0 has no partitions: its weights come whole from ``mp_rank_00_model_states.pt`` and
 ``layer_L_expert_E_mp_rank_00_model_states.pt``, without optimizer moments.
 
-A pre-training checkpoint also holds the run's tokenizer (``tokenizer.json``, ``special_tokens.json``), which
-travels on with the weights.
+The trainer's client state says which model a checkpoint holds (``HeldModel``: the pre-training model, or a
+fine-tuning task's with its head), and the checkpoint holds the run's tokenizer (``tokenizer.json``,
+``special_tokens.json``): both travel on with the weights.
 """
 import math
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 from eve_ds.checkpoint.manifest import LATEST, is_complete, predates_manifests, summary, verify_share
-from eve_ds.checkpoint.pretrained import CheckpointError, state_dict_mismatch
+from eve_ds.checkpoint.pretrained import CheckpointError, HeldModel, state_dict_mismatch
 from eve_ds.config import EVEConfig
 from eve_ds.data.tokenizer import TOKENIZER_FILE, TextTokenizer
 from eve_ds.model.moe import LOCAL_EXPERT_KEY, ExpertPlacement
@@ -55,6 +56,7 @@ class ConsolidatedCheckpoint:
     lr_scheduler: dict = None
     notes: list = field(default_factory=list)
     tokenizer: TextTokenizer = None  # the one the run trained with, where the checkpoint holds it
+    held: HeldModel = field(default_factory=HeldModel)  # which model the weights are
 
 
 def load_file(path: Path) -> dict:
@@ -248,14 +250,10 @@ def _read_stage0(tag_dir: Path):
     return state_dict, config, 0, states, None, None
 
 
-def _check_complete(state_dict: dict, config: EVEConfig, source: Path):
-    from eve_ds.objectives import MaskedSignalModeling  # the model knows its own keys and shapes
-
-    with torch.device("meta"):
-        expected = {name: p.shape for name, p in MaskedSignalModeling(config).state_dict().items()}
-    mismatch = state_dict_mismatch(expected, state_dict)
+def _check_complete(state_dict: dict, config: EVEConfig, held: HeldModel, source: Path):
+    mismatch = state_dict_mismatch(held.expected_shapes(config), state_dict)
     if mismatch:
-        raise CheckpointError("\n".join([f"{source}: does not match its model config:", *mismatch]))
+        raise CheckpointError("\n".join([f"{source}: does not match its model config ({held.describe()}):", *mismatch]))
 
 
 def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> ConsolidatedCheckpoint:
@@ -272,7 +270,11 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
     else:
         raise CheckpointError(f"{tag_dir}: neither {RANK_MODEL_STATES.format(rank=0)}, "
                               f"{RANK_OPTIM_STATES.format(rank=0)} nor {DENSE_STATES}")
-    _check_complete(state_dict, config, tag_dir)
+    try:
+        held = HeldModel.of_training_state(states)
+    except CheckpointError as error:
+        raise CheckpointError(f"{tag_dir}: {error}") from None
+    _check_complete(state_dict, config, held, tag_dir)
     tokenizer = None
     if (tag_dir / TOKENIZER_FILE).is_file():
         tokenizer = TextTokenizer.from_folder(tag_dir, config.max_text_len)
@@ -282,7 +284,8 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
                      "(--tokenizer)")
     if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()):
         notes.append("ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights")
-    client_keys = ("model_config", "masking", "seed", "step", "data")  # data: every reader's position
+    # data: every reader's position
+    client_keys = ("model_config", "task", "head_options", "masking", "seed", "step", "data")
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
                                   tag_dir, {key: states[key] for key in client_keys if key in states},
-                                  moments, steps, states.get("lr_scheduler"), notes, tokenizer)
+                                  moments, steps, states.get("lr_scheduler"), notes, tokenizer, held)

@@ -1,10 +1,12 @@
-"""Consolidated weights on disk: ``model.safetensors`` plus ``config.json`` in one folder, and loading weights into
-a model whose parameters ZeRO-3 may have partitioned, one tensor read at a time."""
+"""Consolidated weights on disk: ``model.safetensors`` plus ``config.json`` in one folder, which says what model it
+holds (``HeldModel``), and loading weights into a model whose parameters ZeRO-3 may have partitioned, one tensor read
+at a time."""
 import copy
 import json
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,10 +19,72 @@ from eve_ds.errors import UsageError
 from eve_ds.model.init import whole
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+ENCODER, PRETRAINING = "encoder", "pretraining"
+FINETUNING_TASKS = ("vqa", "nlvr2", "retrieval")
+TASK_NAMES = {ENCODER: "the EVE encoder alone", PRETRAINING: "the pre-training model", "vqa": "the VQA model",
+              "nlvr2": "the NLVR2 model", "retrieval": "the retrieval model"}
 
 
 class CheckpointError(UsageError):
     """A checkpoint or weights folder that cannot be read or used; the message names the file and what is wrong."""
+
+
+@dataclass
+class HeldModel:
+    """Which model a weights folder or a training checkpoint holds: the encoder alone (ENCODER), the pre-training
+    model with its heads (PRETRAINING), or a fine-tuning task's model with the options its head was built with
+    (``{"num_answers": 3128}``, ``{"head": "biattn"}``). Every tool reads it, so that each serves every job."""
+    task: str = PRETRAINING
+    head_options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.task not in TASK_NAMES:
+            raise CheckpointError(f"holds a model of unknown kind '{self.task}' (eve-ds knows {', '.join(TASK_NAMES)})")
+        self.head_options = dict(self.head_options or {})
+
+    def model_class(self):
+        """The nn.Module class of the model (None for the encoder alone, which is stored under ``encoder.``)."""
+        if self.task == PRETRAINING:
+            from eve_ds.objectives import MaskedSignalModeling
+            return MaskedSignalModeling
+        if self.task == "vqa":
+            from eve_ds.finetune.vqa import VQAModel
+            return VQAModel
+        if self.task == "nlvr2":
+            from eve_ds.finetune.nlvr2 import NLVR2Model
+            return NLVR2Model
+        if self.task == "retrieval":
+            from eve_ds.finetune.retrieval import RetrievalModel
+            return RetrievalModel
+        return None
+
+    def expected_shapes(self, config: EVEConfig) -> dict:
+        """Name -> shape of every tensor of the model's state dict, with every expert (built on the meta device)."""
+        from eve_ds.model import EVE
+
+        with torch.device("meta"):
+            if self.task == ENCODER:
+                return {f"encoder.{name}": t.shape for name, t in EVE(config).state_dict().items()}
+            return {name: t.shape for name, t in self.model_class()(config, **self.head_options).state_dict().items()}
+
+    def describe(self) -> str:
+        options = ", ".join(f"{key} {value}" for key, value in self.head_options.items())
+        return TASK_NAMES[self.task] + (f" ({options})" if options else "")
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "head_options": self.head_options}
+
+    @classmethod
+    def of_training_state(cls, states: dict) -> "HeldModel":
+        """What a DeepSpeed checkpoint holds, from the client state the trainer saved beside it: a fine-tuning run
+        stores its task and head options; a pre-training run stores no task."""
+        return cls(states.get("task", PRETRAINING), states.get("head_options"))
+
+    @classmethod
+    def of_names(cls, names) -> "HeldModel":
+        """Told by the tensor names, for folders written before config.json said it: the encoder alone when every
+        name is under ``encoder.``, else the pre-training model."""
+        return cls(ENCODER if all(name.startswith("encoder.") for name in names) else PRETRAINING)
 
 
 def write_atomically(path: Path, write):
@@ -34,14 +98,15 @@ def write_atomically(path: Path, write):
 
 
 def save_pretrained(out_dir, state_dict: dict, config: EVEConfig, dtype=torch.float32, source: dict = None,
-                    tokenizer=None):
+                    tokenizer=None, held: HeldModel = None):
     """Writes the weights and config.json, and ``tokenizer`` (a TextTokenizer: what fine-tuning encodes with) where
-    given."""
+    given. ``held`` says what model the weights are (default: told by their names, ``HeldModel.of_names``)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().to(dtype).contiguous() for name, tensor in state_dict.items()}
+    held = held or HeldModel.of_names(tensors)
     description = {"format": "eve-ds", "dtype": str(dtype).removeprefix("torch."), "model_config": config.to_dict(),
-                   "source": source or {}}
+                   **held.to_dict(), "source": source or {}}
     write_atomically(out_dir / WEIGHTS, lambda path: save_file(tensors, str(path), metadata={"format": "pt"}))
     write_atomically(out_dir / CONFIG, lambda path: path.write_text(json.dumps(description, indent=2) + "\n"))
     if tokenizer is not None:
@@ -58,6 +123,19 @@ def pretrained_config(path) -> EVEConfig:
         return EVEConfig.from_dict(json.loads((path / CONFIG).read_text())["model_config"])
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise CheckpointError(f"{path / CONFIG}: not an eve-ds model config ({error})") from None
+
+
+def held_model(path) -> HeldModel:
+    """What model a folder written by save_pretrained holds (told by its tensor names where config.json predates it)."""
+    path = Path(path)
+    pretrained_config(path)  # the folder's files are there and its config reads
+    description = json.loads((path / CONFIG).read_text())
+    if "task" not in description:
+        return HeldModel.of_names(StoredWeights(path / WEIGHTS))
+    try:
+        return HeldModel(description["task"], description.get("head_options"))
+    except CheckpointError as error:
+        raise CheckpointError(f"{path / CONFIG}: {error}") from None
 
 
 class StoredWeights(Mapping):

@@ -6,6 +6,14 @@ copy of DeepSpeed's MoE (``mlp_moe.moe.gate.wg``, ``mlp_moe.moe.experts.experts.
 ``mlp_moe.moe.vision_embed``/``text_embed``). Files written with stock DeepSpeed module names
 (``mlp_moe.deepspeed_moe.``, ``experts.deepspeed_experts.``) are read too.
 
+Their task heads lie beside the backbone under their own module names (``head_names``): VQA's and the NLVR2 MLP's
+``output.*``, NLVR2's ``--biattn`` head (``attn1``, ``attn2``, ``fc``, ``attn_pool``, ``nlvr2_output``), retrieval's
+``itc_vision_proj_head``, ``itc_text_proj_head``, ``itc_temp`` and ``itm_head``. An import keeps the head a file
+holds and records its task (``held_by``): their pre-trained files' ``mitc_*`` / ``mitm_head`` heads, and the
+``itc_vl_*`` projections where the ``itc_*`` ones are absent, become retrieval's, as their ``--load_head`` maps them.
+eve-ds's pre-training heads, which have no counterpart in their released code, travel under
+``eve_ds_pretraining.``, which their loaders ignore.
+
 The authors' MoE layer adds the routing embedding to the experts' input as well as the router's, so an
 imported model has ``routing_embedding_to_experts`` on, and a router-only model cannot be exported. One
 behaviour differs between the codes: their gate samples the second expert in eval mode too (eve-ds routes
@@ -19,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from eve_ds.checkpoint.pretrained import (CheckpointError, key_report, load_pretrained, state_dict_mismatch,
-                                         write_atomically)
+from eve_ds.checkpoint.pretrained import (ENCODER, PRETRAINING, CheckpointError, HeldModel, held_model, key_report,
+                                         load_pretrained, state_dict_mismatch, write_atomically)
 from eve_ds.config import EVEConfig
 from eve_ds.errors import UsageError
 from eve_ds.model.moe import TEXT, VISION
@@ -32,6 +40,15 @@ LEADING_UNIT_DIMS = {"image_cls": 2, "vision_mask_embed": 2, "image_pos": 1, "te
 STOCK_DEEPSPEED_NAMES = [(re.compile(r"\.mlp_moe\.deepspeed_moe\."), ".mlp_moe.moe."),
                          (re.compile(r"\.experts\.deepspeed_experts\."), ".experts.experts.")]
 MASK_EMBED = "mask_embed_vision"  # only pre-trained files have it; the authors' fine-tuning models do not
+PRETRAINING_HEADS = "eve_ds_pretraining."
+RETRIEVAL_HEAD = {"image_projection.weight": "itc_vision_proj_head.weight",
+                  "text_projection.weight": "itc_text_proj_head.weight", "temperature": "itc_temp",
+                  "itm_head.weight": "itm_head.weight", "itm_head.bias": "itm_head.bias"}
+# Other names of retrieval's head in the authors' files, in the order their --load_head prefers them after their own.
+RETRIEVAL_ALIASES = {"itc_vision_proj_head.weight": ("mitc_vision_proj_head.weight", "itc_vl_vision_proj_head.weight"),
+                     "itc_text_proj_head.weight": ("mitc_text_proj_head.weight", "itc_vl_text_proj_head.weight"),
+                     "itc_temp": ("mitc_temp", ), "itm_head.weight": ("mitm_head.weight", ),
+                     "itm_head.bias": ("mitm_head.bias", )}
 
 
 def _affine(ours: str, theirs: str) -> list:
@@ -82,24 +99,74 @@ def to_released(encoder_state: dict, config: EVEConfig) -> dict:
     return {PREFIX + name: tensor for name, tensor in released.items()}
 
 
+def head_names(held: HeldModel, config: EVEConfig) -> dict:
+    """eve-ds name -> the authors' name of every tensor of the model's head (empty for the encoder alone)."""
+    names = [name for name in held.expected_shapes(config) if not name.startswith("encoder.")]
+    if held.task == PRETRAINING:
+        return {name: PRETRAINING_HEADS + name for name in names}
+    if held.task == "retrieval":
+        return dict(RETRIEVAL_HEAD)
+    if held.task == "nlvr2" and held.head_options.get("head") == "biattn":
+        return {name: name.removeprefix("head.") for name in names}
+    return {name: "output." + name.removeprefix("head.") for name in names}  # VQA's and NLVR2's MLP classifier
+
+
+def held_by(others: dict, config: EVEConfig) -> tuple:
+    """(HeldModel, the head's tensors under the authors' names, notes) of a released file's tensors outside the
+    backbone (``backbone``'s second value), told by the names and shapes the authors' task models give them; the
+    notes name what is left out."""
+    others, renamed = dict(others), {}
+    if any(name.startswith(PRETRAINING_HEADS) for name in others):
+        held = HeldModel(PRETRAINING)
+    elif "nlvr2_output.weight" in others:
+        held = HeldModel("nlvr2", {"head": "biattn"})
+    elif "output.0.weight" in others and "output.3.weight" in others:
+        if others["output.0.weight"].shape[-1] == config.hidden_size:
+            held = HeldModel("vqa", {"num_answers": others["output.3.weight"].shape[0]})
+        else:
+            held = HeldModel("nlvr2", {"head": "mlp"})
+    elif any(name in others for theirs, aliases in RETRIEVAL_ALIASES.items() for name in (theirs, *aliases)):
+        held = HeldModel("retrieval")
+        for theirs, aliases in RETRIEVAL_ALIASES.items():
+            found = next((name for name in (theirs, *aliases) if name in others), None)
+            if found is not None and found != theirs:
+                others[theirs] = others.pop(found)
+                renamed[theirs] = found
+    else:
+        held = HeldModel(ENCODER)
+    names = set(head_names(held, config).values())
+    head = {theirs: others.pop(theirs) for theirs in sorted(names) if theirs in others}
+    notes = []
+    absent = sorted(names - set(head) - {"itc_temp"})
+    if held.task == "retrieval" and absent:  # e.g. a pre-trained file with contrastive heads and no matching head
+        notes.append(f"an incomplete retrieval head (no {', '.join(absent)}) is left out")
+        held, others = HeldModel(ENCODER), {**others, **{renamed.get(name, name): t for name, t in head.items()}}
+        head = {}
+    if others:
+        notes.append(key_report(f"tensors outside '{PREFIX}' left out (no part of {held.describe()})", sorted(others))
+                     .strip())
+    return held, head, notes
+
+
 def backbone(checkpoint: dict) -> tuple:
     """The backbone weights of a loaded released file under names without ``backbone.``, in the authors'
-    module names, and how many other (task-head) tensors were left out."""
+    module names, and its other tensors (task heads) under their names."""
     state = checkpoint.get("model", checkpoint.get("module", checkpoint)) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not any(torch.is_tensor(v) for v in state.values()):
         raise CheckpointError("holds no state dict (expected a dict of tensors, or one under 'model' or 'module')")
     prefixed = any(name.startswith(PREFIX) for name in state)
-    weights, left_out = {}, 0
+    weights, others = {}, {}
     for name, tensor in state.items():
         if prefixed and not name.startswith(PREFIX):
-            left_out += 1
+            if torch.is_tensor(tensor):
+                others[name] = tensor
             continue
         name = "." + name.removeprefix(PREFIX)
         for pattern, canonical in STOCK_DEEPSPEED_NAMES:
             name = pattern.sub(canonical, name)
         if not name.startswith(".position_ids_"):  # buffers, rebuilt from the config
             weights[name[1:]] = tensor
-    return weights, left_out
+    return weights, others
 
 
 def released_config(weights: dict, preset_config: EVEConfig) -> EVEConfig:
@@ -167,32 +234,37 @@ def from_released(weights: dict, config: EVEConfig, expected_shapes: dict) -> tu
 
 
 def _encoder_shapes(config: EVEConfig) -> dict:
-    from eve_ds.model import EVE
-
-    with torch.device("meta"):
-        return {name: tensor.shape for name, tensor in EVE(config).state_dict().items()}
+    return {name.removeprefix("encoder."): shape for name, shape in HeldModel(ENCODER).expected_shapes(config).items()}
 
 
-def export_released(consolidated_dir, out_file):
-    """Writes the encoder of a consolidated folder (tools/consolidate.py) as a released-layout file:
-    ``{"model": {backbone...}, "eve_ds_model_config": {...}}``. Raises CheckpointError on a bad folder."""
+def export_released(consolidated_dir, out_file) -> HeldModel:
+    """Writes a consolidated folder (tools/consolidate.py, any model) as a released-layout file: ``{"model":
+    {backbone..., the head under the authors' names}, "eve_ds_model_config": {...}}``; returns what model it was.
+    Raises CheckpointError on a bad folder."""
     state_dict, config = load_pretrained(consolidated_dir)
-    encoder = {name.removeprefix("encoder."): t for name, t in state_dict.items() if name.startswith("encoder.")}
-    mismatch = state_dict_mismatch(_encoder_shapes(config), encoder)
+    held = held_model(consolidated_dir)
+    mismatch = state_dict_mismatch(held.expected_shapes(config), state_dict)
     if mismatch:
-        raise CheckpointError("\n".join([f"{consolidated_dir}: the encoder does not fit its config:", *mismatch]))
+        raise CheckpointError("\n".join([f"{consolidated_dir}: the weights do not fit {held.describe()} of its "
+                                          "config:", *mismatch]))
     if not config.routing_embedding_to_experts:
         raise CheckpointError(f"{consolidated_dir}: the model adds the routing embedding to the router's input "
                               "only (routing_embedding_to_experts false); the authors' code adds it to the experts' "
                               "input too, so these weights would compute another function there")
-    checkpoint = {"model": to_released(encoder, config), "eve_ds_model_config": config.to_dict()}
+    encoder = {name.removeprefix("encoder."): t for name, t in state_dict.items() if name.startswith("encoder.")}
+    released = to_released(encoder, config)
+    # The authors store their retrieval temperature as a 0-d tensor, eve-ds as one element.
+    released.update({theirs: state_dict[ours].reshape(()) if ours == "temperature" else state_dict[ours]
+                     for ours, theirs in head_names(held, config).items()})
+    checkpoint = {"model": released, "eve_ds_model_config": config.to_dict()}
     write_atomically(Path(out_file), lambda path: torch.save(checkpoint, path))
+    return held
 
 
 def import_released(path, preset_config: EVEConfig = None, allow_pickle: bool = False) -> tuple:
-    """Reads a released-layout file; returns (encoder weights under eve-ds names, EVEConfig, notes).
-    The config comes from the file where eve-ds wrote it, else from ``preset_config`` with the sizes the
-    file sets. Raises CheckpointError, naming the file, on anything that does not fit."""
+    """Reads a released-layout file; returns (its weights under eve-ds names: ``encoder.*`` and the head it holds,
+    EVEConfig, HeldModel, notes). The config comes from the file where eve-ds wrote it, else from ``preset_config``
+    with the sizes the file sets. Raises CheckpointError, naming the file, on anything that does not fit."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: file is missing")
@@ -207,11 +279,34 @@ def import_released(path, preset_config: EVEConfig = None, allow_pickle: bool = 
         embedded = checkpoint.get("eve_ds_model_config") if isinstance(checkpoint, dict) else None
         if embedded is None and preset_config is None:
             raise CheckpointError("carries no eve-ds model config: name the model it is (e.g. --model eve-base)")
-        weights, left_out = backbone(checkpoint)
+        weights, others = backbone(checkpoint)
         config = released_config(weights, EVEConfig.from_dict(embedded) if embedded else authors_config(preset_config))
         encoder, notes = from_released(weights, config, _encoder_shapes(config))
+        held, head, head_notes = held_by(others, config)
+        notes += head_notes
+        state_dict = {f"encoder.{name}": tensor for name, tensor in encoder.items()}
+        state_dict.update(_head_from_released(held, head, config))
     except UsageError as error:  # a CheckpointError, or the ConfigError of a bad embedded config
         raise CheckpointError(f"{path}: {error}") from None
-    if left_out:
-        notes.append(f"left out {left_out} tensors outside '{PREFIX}' (task heads)")
-    return encoder, config, notes
+    return state_dict, config, held, notes
+
+
+def _head_from_released(held: HeldModel, head: dict, config: EVEConfig) -> dict:
+    """The head's tensors under eve-ds names, shaped as the model's; raises CheckpointError naming missing and
+    mis-shaped ones (the retrieval temperature, absent from some files, starts at its initial value)."""
+    names = head_names(held, config)
+    expected = {ours: shape for ours, shape in held.expected_shapes(config).items() if ours in names}
+    tensors, missing = {}, []
+    for ours, theirs in names.items():
+        if theirs in head:
+            tensor = head[theirs]
+            tensors[ours] = tensor.reshape(expected[ours]) if tensor.numel() == math.prod(expected[ours]) else tensor
+        elif ours == "temperature":
+            from eve_ds.finetune.retrieval import INITIAL_TEMPERATURE
+            tensors[ours] = torch.full(expected[ours], INITIAL_TEMPERATURE)
+        else:
+            missing.append(theirs)
+    problems = [key_report("missing", missing)] if missing else state_dict_mismatch(expected, tensors)
+    if problems:
+        raise CheckpointError("\n".join([f"holds {held.describe()} whose head does not fit it:", *problems]))
+    return tensors

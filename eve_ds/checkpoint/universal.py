@@ -38,7 +38,7 @@ def save_universal(out_dir, checkpoint: ConsolidatedCheckpoint):
     out_dir = Path(out_dir)
     source = {"checkpoint": str(checkpoint.source), "zero_stage": checkpoint.zero_stage, "step": checkpoint.step}
     save_pretrained(out_dir, checkpoint.state_dict, checkpoint.model_config, source=source,
-                    tokenizer=checkpoint.tokenizer)
+                    tokenizer=checkpoint.tokenizer, held=checkpoint.held)
     moments = {f"{key}/{name}": tensor.contiguous() for key in MOMENTS for name, tensor in checkpoint.moments[key].items()}
     write_atomically(out_dir / OPTIMIZER, lambda path: save_file(moments, str(path)))
     state = {"step": checkpoint.step, "optimizer_steps": checkpoint.optimizer_steps,

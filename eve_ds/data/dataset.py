@@ -1,6 +1,6 @@
-"""One pre-training sample from an image and its caption: decoding, the authors' augmentation, masks."""
+"""One pre-training sample from an image and its caption: decoding, the authors' augmentation (``augment.py``),
+masks."""
 import io
-import math
 import warnings
 from pathlib import Path
 
@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eve_ds.data.augment import TrainingAugmentation, crop_draft_size, mirror, random_resized_crop
+from eve_ds.data.augment import random_resized_crop_box  # noqa: F401 (its old home, still importable from here)
 from eve_ds.data.text import may_mirror, pre_caption
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import MaskingConfig, block_patch_mask, mask_text, random_patch_mask
@@ -29,54 +31,49 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path, size: int) -> torch.Tensor:
-    """An image file as [3, size, size] in [-1, 1], resized whole (no augmentation). Errors name the file."""
+def load_image(path, size: int, augmentation: TrainingAugmentation = None) -> torch.Tensor:
+    """An image file as [3, size, size] in [-1, 1]: resized whole, or as ``augmentation`` makes it (fine-tuning's
+    training view, ``augment.TrainingAugmentation``). Errors name the file."""
     try:
-        return decode_image(Path(path).read_bytes(), size)
+        data = Path(path).read_bytes()
+        if augmentation is None:
+            return decode_image(data, size)
+        return to_pixels(augmentation(open_image(data, augmentation.draft_size(size)), size))
     except UNREADABLE_IMAGE_ERRORS as error:
         raise OSError(f"{path}: {error}") from error
 
 
-# The authors' pre-training augmentation for pixel targets: a random crop of 50-100% of the area (aspect
-# ratio 3/4-4/3) resized bicubically, and a horizontal flip unless the caption names a side (``text.may_mirror``).
-CROP_SCALE, CROP_RATIO = (0.5, 1.0), (3 / 4, 4 / 3)
-# With ``normalize_text``, captions are cut to this many words, the authors' limit for captions in fine-tuning
-# (their pre-training loader is not released).
-CAPTION_WORDS = 30
-
-
-def random_resized_crop_box(width: int, height: int, rng) -> tuple:
-    """(left, top, right, bottom) of a crop covering CROP_SCALE of the area with an aspect ratio in
-    CROP_RATIO (log-uniform); the central square-ish crop where ten draws do not fit."""
-    area = width * height
-    for _ in range(10):
-        target = area * rng.uniform(*CROP_SCALE)
-        ratio = math.exp(rng.uniform(math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])))
-        crop_width, crop_height = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-        if 0 < crop_width <= width and 0 < crop_height <= height:
-            left, top = rng.randint(0, width - crop_width), rng.randint(0, height - crop_height)
-            return left, top, left + crop_width, top + crop_height
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
-def decode_image(data: bytes, size: int, rng=None, flip_allowed: bool = True) -> torch.Tensor:
-    """Image bytes as [3, size, size] in [-1, 1]. With ``rng``, the authors' augmentation (random resized crop,
-    and a horizontal flip where ``flip_allowed``); without, the whole image resized. A JPEG is decoded at the
-    smallest reduced size that still covers the crop."""
+def open_image(data: bytes, draft_size: int) -> Image.Image:
+    """Image bytes as an RGB image (``to_rgb``); a JPEG decoded at the smallest reduced size that still covers
+    ``draft_size`` on each side."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as image:
-            cover = size if rng is None else math.ceil(size / math.sqrt(CROP_SCALE[0]))
-            image.draft("RGB", (cover, cover))
-            image = to_rgb(image)
-    box = None if rng is None else random_resized_crop_box(*image.size, rng)
-    image = image.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    if rng is not None and flip_allowed and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            image.draft("RGB", (draft_size, draft_size))
+            return to_rgb(image)
+
+
+def to_pixels(image: Image.Image) -> torch.Tensor:
+    """An RGB image as [3, H, W] in [-1, 1] (mean = std = 0.5)."""
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy())
     return pixels.permute(2, 0, 1).div_(127.5).sub_(1.0)
+
+
+def decode_image(data: bytes, size: int, rng=None, flip_allowed: bool = True) -> torch.Tensor:
+    """Image bytes as [3, size, size] in [-1, 1]. With ``rng``, the authors' pre-training augmentation for pixel
+    targets (``augment.py``: random resized crop, then a horizontal flip with probability 1/2 where
+    ``flip_allowed``); without, the whole image resized."""
+    if rng is None:
+        return to_pixels(open_image(data, size).resize((size, size), Image.Resampling.BICUBIC))
+    image = random_resized_crop(open_image(data, crop_draft_size(size)), size, rng)
+    if flip_allowed and rng.random() < 0.5:
+        image = mirror(image)
+    return to_pixels(image)
+
+
+# With ``normalize_text``, captions are cut to this many words, the authors' limit for captions in fine-tuning
+# (their pre-training loader is not released).
+CAPTION_WORDS = 30
 
 
 class MaskedSamples:

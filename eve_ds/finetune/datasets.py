@@ -2,6 +2,14 @@
 task's resolution, text normalised as the authors' fine-tuning does (``eve_ds/data/text.py``; ``normalize_text``
 False keeps it as written) and encoded by the caller's TextTokenizer (the authors' recipes use 40 tokens for every
 task).
+
+Training images are augmented by a policy of ``eve_ds/data/augment.py`` ("rand": the authors' RandomAugment,
+"color": their colour jitter, "none": resized whole), each after a random resized crop but for "none"; evaluation
+images are resized whole. A training image is mirrored with probability 1/2 where its text names no side
+(``text.may_mirror``: VQA's question and answers, NLVR2's sentence, a retrieval caption, each as written). Every
+draw is a function of (seed, epoch, index) and, for NLVR2, the image's slot (0 left, 1 right): the flip from
+``random.Random("seed:epoch:index[:slot]")``, the augmentation from that key followed by ":augment". ``set_epoch``
+sets the epoch (the fine-tuning loop calls it for every item it asks for).
 """
 import random
 from collections import Counter
@@ -9,6 +17,7 @@ from dataclasses import replace
 
 import torch
 
+from eve_ds.data.augment import POLICIES, TrainingAugmentation
 from eve_ds.data.dataset import load_image
 from eve_ds.data.text import EmptyText, may_mirror, pre_caption, pre_question
 from eve_ds.finetune.annotations import (ANSWER_NOT_IN_LIST, EMPTY_ONCE_NORMALISED, IMAGE_WITHOUT_CAPTIONS,
@@ -41,20 +50,21 @@ def soft_target(question: VQAQuestion, answer_index: dict) -> tuple:
 
 
 def _normalised_captions(images, max_words: int, normalize_text: bool, problems: Counter) -> list:
-    """The images with their captions normalised; a caption left empty is dropped, and an image left without
-    captions too, each counted in ``problems``."""
+    """[(image with its captions normalised, those captions as written)]; a caption left empty is dropped, and an
+    image left without captions too, each counted in ``problems``."""
     if not normalize_text:
-        return list(images)
+        return [(image, image.captions) for image in images]
     kept = []
     for image in images:
-        captions = []
+        captions, written = [], []
         for caption in image.captions:
             try:
                 captions.append(pre_caption(caption, max_words))
+                written.append(caption)
             except EmptyText:
                 problems[EMPTY_ONCE_NORMALISED] += 1
         if captions:
-            kept.append(replace(image, captions=tuple(captions)))
+            kept.append((replace(image, captions=tuple(captions)), tuple(written)))
         else:
             problems[IMAGE_WITHOUT_CAPTIONS] += 1
     return kept
@@ -66,16 +76,43 @@ def _require_some(items: list, what: str, problems: Counter) -> list:
     return items
 
 
-class VQADataset(torch.utils.data.Dataset):
+class _TrainingImages:
+    """The random side of a dataset's images (the module's docstring): in training, augmented by ``augmentation``
+    and mirrored where allowed, from draws of (seed, epoch, index[, slot]); else resized whole."""
+
+    def __init__(self, image_size: int, train: bool, seed: int, augmentation: str):
+        if augmentation not in POLICIES:
+            raise ValueError(f"unknown augmentation '{augmentation}'; choose one of {', '.join(POLICIES)}")
+        self.image_size, self.train, self.seed, self.augmentation = image_size, train, seed, augmentation
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _draws(self, index: int, *key) -> random.Random:
+        return random.Random(":".join(str(part) for part in (self.seed, self.epoch, index, *key)))
+
+    def _flips(self, index: int, allowed: bool, *slot) -> bool:
+        return self.train and allowed and self._draws(index, *slot).random() < 0.5
+
+    def _image(self, path, index: int, flip: bool, *slot) -> torch.Tensor:
+        if not self.train:
+            return load_image(path, self.image_size)
+        return load_image(path, self.image_size,
+                          TrainingAugmentation(self.augmentation, self._draws(index, *slot, "augment"), flip))
+
+
+class VQADataset(_TrainingImages, torch.utils.data.Dataset):
     """Each item: {"images" [3, S, S], "text_ids", "text_padding_mask" [text length], "targets" [answers]
     (soft scores, ``soft_target``), "question_ids"}. In training, a question with no answer in the list is left
-    out, and an image is mirrored with probability 1/2, drawn from (seed, epoch, index), when ``may_flip`` allows it.
-    Questions are normalised by ``pre_question`` to VQA_TRAIN_WORDS words in training, VQA_EVAL_WORDS else."""
+    out, images are augmented (``augmentation``, the authors' "rand"; the default "none" resizes them whole) and
+    mirrored with probability 1/2 where ``may_flip`` allows it (``flips``). Questions are normalised by
+    ``pre_question`` to VQA_TRAIN_WORDS words in training, VQA_EVAL_WORDS else."""
 
     def __init__(self, questions, answers: list, tokenizer, image_size: int, train: bool, seed: int = 0,
-                 problems: Counter = None, normalize_text: bool = True):
-        self.tokenizer, self.image_size, self.train, self.seed = tokenizer, image_size, train, seed
-        self.epoch, self.num_answers = 0, len(answers)
+                 problems: Counter = None, normalize_text: bool = True, augmentation: str = "none"):
+        super().__init__(image_size, train, seed, augmentation)
+        self.tokenizer, self.num_answers = tokenizer, len(answers)
         self.problems = Counter(problems or {})
         index = answer_index(answers)
         self.questions, self.targets = [], []
@@ -98,19 +135,12 @@ class VQADataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.questions)
 
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
     def flips(self, index: int) -> bool:
-        if not self.train or not may_flip(self.questions[index]):
-            return False
-        return random.Random(f"{self.seed}:{self.epoch}:{index}").random() < 0.5
+        return self._flips(index, may_flip(self.questions[index]))
 
     def __getitem__(self, index: int) -> dict:
         question = self.questions[index]
-        image = load_image(question.image_path, self.image_size)
-        if self.flips(index):
-            image = image.flip(-1)
+        image = self._image(question.image_path, index, self.flips(index))
         text_ids, padding_mask, _ = self.tokenizer.encode(self.texts[index])
         targets = torch.zeros(self.num_answers)
         for answer, score in self.targets[index].items():
@@ -119,13 +149,17 @@ class VQADataset(torch.utils.data.Dataset):
                 "question_ids": question.question_id}
 
 
-class NLVR2Dataset(torch.utils.data.Dataset):
-    """Each item: {"images" [2, 3, S, S] (left, right), "text_ids", "text_padding_mask", "labels"}. Images are
-    never mirrored (the authors mirror each image of a pair, whatever the sentence says). Sentences are normalised
-    by ``pre_caption`` to NLVR2_WORDS words; an example whose sentence that leaves empty is left out, counted."""
+class NLVR2Dataset(_TrainingImages, torch.utils.data.Dataset):
+    """Each item: {"images" [2, 3, S, S] (left, right), "text_ids", "text_padding_mask", "labels"}. In training
+    (``train``), each image is augmented on its own (``augmentation``, the authors' "rand"; the default "none"
+    resizes them whole) and mirrored with probability 1/2 where the sentence as written names no side (``flips``;
+    the authors mirror each image whatever it says). Sentences are normalised by ``pre_caption`` to NLVR2_WORDS
+    words; an example whose sentence that leaves empty is left out, counted."""
 
-    def __init__(self, examples, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
-        self.tokenizer, self.image_size = tokenizer, image_size
+    def __init__(self, examples, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True,
+                 train: bool = False, seed: int = 0, augmentation: str = "none"):
+        super().__init__(image_size, train, seed, augmentation)
+        self.tokenizer = tokenizer
         self.problems = Counter(problems or {})
         self.examples, self.sentences = [], []
         for example in examples:
@@ -141,35 +175,48 @@ class NLVR2Dataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.examples)
 
+    def flips(self, index: int, slot: int) -> bool:
+        """Whether image ``slot`` (0 left, 1 right) of example ``index`` is mirrored this epoch."""
+        return self._flips(index, may_mirror(self.examples[index].sentence), slot)
+
     def __getitem__(self, index: int) -> dict:
         example = self.examples[index]
         text_ids, padding_mask, _ = self.tokenizer.encode(self.sentences[index])
-        images = torch.stack([load_image(example.left_image_path, self.image_size),
-                              load_image(example.right_image_path, self.image_size)])
+        images = torch.stack([self._image(path, index, self.flips(index, slot), slot)
+                              for slot, path in enumerate((example.left_image_path, example.right_image_path))])
         return {"images": images, "text_ids": text_ids, "text_padding_mask": padding_mask, "labels": example.label}
 
 
-class RetrievalTrainDataset(torch.utils.data.Dataset):
+class RetrievalTrainDataset(_TrainingImages, torch.utils.data.Dataset):
     """One item per caption: {"images", "text_ids", "text_padding_mask", "image_ids"}; the image id (its
-    position in the split) tells which captions share an image, the positives of contrastive training. Captions
-    are normalised by ``pre_caption`` to RETRIEVAL_WORDS words (``_normalised_captions``)."""
+    position in the split) tells which captions share an image, the positives of contrastive training. Images are
+    augmented (``augmentation``, the authors' "color"; the default "none" resizes them whole) and mirrored with
+    probability 1/2 where the item's caption as written names no side (``flips``). Captions are normalised by
+    ``pre_caption`` to RETRIEVAL_WORDS words (``_normalised_captions``)."""
 
-    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
-        self.tokenizer, self.image_size = tokenizer, image_size
+    def __init__(self, images, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True,
+                 seed: int = 0, augmentation: str = "none"):
+        super().__init__(image_size, True, seed, augmentation)
+        self.tokenizer = tokenizer
         self.problems = Counter(problems or {})
-        self.images = _normalised_captions(images, RETRIEVAL_WORDS, normalize_text, self.problems)
+        kept = _normalised_captions(images, RETRIEVAL_WORDS, normalize_text, self.problems)
+        self.images = [image for image, _ in kept]
         self.pairs = [(image_index, caption) for image_index, image in enumerate(self.images)
                       for caption in image.captions]
+        self.mirrorable = [may_mirror(caption) for _, written in kept for caption in written]
         _require_some(self.pairs, "caption", self.problems)
 
     def __len__(self):
         return len(self.pairs)
 
+    def flips(self, index: int) -> bool:
+        return self._flips(index, self.mirrorable[index])
+
     def __getitem__(self, index: int) -> dict:
         image_index, caption = self.pairs[index]
         text_ids, padding_mask, _ = self.tokenizer.encode(caption)
-        return {"images": load_image(self.images[image_index].image_path, self.image_size), "text_ids": text_ids,
-                "text_padding_mask": padding_mask, "image_ids": image_index}
+        return {"images": self._image(self.images[image_index].image_path, index, self.flips(index)),
+                "text_ids": text_ids, "text_padding_mask": padding_mask, "image_ids": image_index}
 
 
 class RetrievalEvalSet:
@@ -180,8 +227,8 @@ class RetrievalEvalSet:
 
     def __init__(self, images, tokenizer, image_size: int, problems: Counter = None, normalize_text: bool = True):
         self.problems = Counter(problems or {})
-        images = _require_some(_normalised_captions(images, RETRIEVAL_WORDS, normalize_text, self.problems), "image",
-                               self.problems)
+        images = _require_some([image for image, _ in _normalised_captions(images, RETRIEVAL_WORDS, normalize_text,
+                                                                           self.problems)], "image", self.problems)
         self.image_paths = [image.image_path for image in images]
         self.captions = [caption for image in images for caption in image.captions]
         self.text_image = torch.tensor([index for index, image in enumerate(images) for _ in image.captions])

@@ -3,14 +3,19 @@
 Each task model (``vqa.VQAModel``, ``nlvr2.NLVR2Model``, ``retrieval.RetrievalModel``) is EVE plus a head;
 its ``forward(**batch)`` returns a dict with the ``loss`` to back-propagate and its detached parts.
 """
+import logging
+
 import torch
 from torch import nn
 
-from eve_ds.checkpoint.pretrained import StoredWeights, load_weights, open_pretrained
+from eve_ds.checkpoint.pretrained import (FINETUNING_TASKS, CheckpointError, HeldModel, StoredWeights, held_model,
+                                         load_weights, open_pretrained)
 from eve_ds.config import EVEConfig
 from eve_ds.engine import build_model
 from eve_ds.model import EVE, ExpertPlacement
 from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
+
+logger = logging.getLogger(__name__)
 
 
 def classifier(in_features: int, hidden_features: int, num_classes: int) -> nn.Sequential:
@@ -31,8 +36,14 @@ class TaskModel(nn.Module):
     ``aux_weight`` scales the MoE load-balancing loss (the encoder's: the mean over MoE layers) added to the
     task loss; None takes the class's ``default_aux_weight``, and where that is None too, the pre-training
     weight ``config.aux_loss_weight`` (0.001, the authors' ``gateloss_weight``).
+
+    ``head_options()`` are the options the head was built with; of those, ``chosen_head_options`` are a user's
+    choice (NLVR2's head type), which a stored head of the task decides, and the others follow the data (VQA's
+    number of answers), which a stored head must match.
     """
+    task = None  # "vqa", "nlvr2" or "retrieval"
     default_aux_weight = None
+    chosen_head_options = ()
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):
         super().__init__()
@@ -42,6 +53,13 @@ class TaskModel(nn.Module):
         if aux_weight is None:
             aux_weight = self.default_aux_weight if self.default_aux_weight is not None else config.aux_loss_weight
         self.aux_weight = aux_weight
+        self.head_loaded = False  # whether from_weights read the head too
+
+    def head_options(self) -> dict:
+        return {}
+
+    def held(self) -> HeldModel:
+        return HeldModel(self.task, self.head_options())
 
     def init_head_weights(self):
         """Initialises every module outside the encoder as EVE initialises its own."""
@@ -51,28 +69,68 @@ class TaskModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None,
-                        placement: ExpertPlacement = None, ds_config: dict = None, **head_options) -> "TaskModel":
-        """The task model with its encoder from a consolidated checkpoint folder (tools/consolidate.py) and a
-        freshly initialised head. ``image_size`` and ``max_text_len`` are ``EVE.from_pretrained``'s; with an
-        expert-parallel ``placement`` the encoder keeps only this rank's experts. Under a ZeRO-3 ``ds_config``
-        the model is built partitioned (``engine.build_model``) and the weights are read into the partitions
-        one tensor at a time: no rank holds the whole model or the whole file. ``new_parameter_names()`` then
-        names what the checkpoint did not hold."""
+                        placement: ExpertPlacement = None, ds_config: dict = None, require_head: bool = False,
+                        **head_options) -> "TaskModel":
+        """The task model from a consolidated folder (tools/consolidate.py, tools/convert_released.py import): with
+        the folder's head where it holds this task's model (its options, ``fitted_head_options``), else with a
+        freshly initialised head, which ``require_head`` refuses. ``image_size`` and ``max_text_len`` are
+        ``EVE.from_pretrained``'s; with an expert-parallel ``placement`` the encoder keeps only this rank's experts.
+        Under a ZeRO-3 ``ds_config`` the model is built partitioned (``engine.build_model``) and the weights are
+        read into the partitions one tensor at a time: no rank holds the whole model or the whole file.
+        ``new_parameter_names()`` then names what the folder did not hold."""
         weights, config = open_pretrained(path, image_size, max_text_len)
-        return cls.from_weights(weights, config, placement, ds_config, **head_options)
+        return cls.from_weights(weights, config, placement, ds_config, require_head, **head_options)
 
     @classmethod
     def from_weights(cls, weights: StoredWeights, config: EVEConfig, placement: ExpertPlacement = None,
-                     ds_config: dict = None, **head_options) -> "TaskModel":
+                     ds_config: dict = None, require_head: bool = False, **head_options) -> "TaskModel":
         """``from_pretrained`` from a folder already opened: ``open_pretrained``'s weights and config."""
+        folder = weights.path.parent
+        held = held_model(folder)
+        same_task = held.task == cls.task
+        if same_task:
+            head_options = cls.fitted_head_options(held.head_options, head_options, folder)
+        elif require_head:
+            raise CheckpointError(f"{folder} holds {held.describe()}, which has no {cls.task} head to evaluate: give "
+                                  f"a {cls.task} fine-tuning run (--run) or weights with its head (tools/consolidate.py "
+                                  "of a fine-tuning run, tools/convert_released.py import of the authors' fine-tuned "
+                                  "file)")
+        elif held.task in FINETUNING_TASKS:
+            logger.info("%s holds %s: its encoder is taken and a new %s head drawn", folder, held.describe(), cls.task)
         placement = placement or ExpertPlacement(config.num_experts)
         model = build_model(lambda: cls(config, placement, **head_options), ds_config or {})
-        load_weights(model.encoder, encoder_weights(weights, model.encoder, placement), weights.path)
+        model.head_loaded = same_task
+        module, view = model.stored_part(weights, placement)
+        load_weights(module, view, weights.path)
         return model
 
+    @classmethod
+    def fitted_head_options(cls, stored: dict, asked: dict, source) -> dict:
+        """The options of a stored head of this task: its chosen options (logged where they differ from those
+        asked), and the others asked, which must be its own. Raises CheckpointError on a head of another size."""
+        fitted = dict(asked)
+        for key, value in stored.items():
+            if key in cls.chosen_head_options:
+                if asked.get(key, value) != value:
+                    logger.info("%s holds a %s head with %s %s: continuing with it", source, cls.task, key, value)
+                fitted[key] = value
+            elif key in asked and asked[key] != value:
+                raise CheckpointError(f"{source} holds a {cls.task} head with {key} {value}, but this job's data "
+                                      f"makes {key} {asked[key]}: it is a head of another size")
+        return fitted
+
+    def stored_part(self, weights: StoredWeights, placement: ExpertPlacement) -> tuple:
+        """(module, its stored weights under its own names): the whole model where ``head_loaded``, else the
+        encoder (``encoder_weights``)."""
+        if self.head_loaded:
+            return self, weights.renamed(placement.global_names(self))
+        return self.encoder, encoder_weights(weights, self.encoder, placement)
+
     def new_parameter_names(self) -> frozenset:
-        """Parameters that pre-training does not provide (the head, projections, temperature): the optimizer
+        """Parameters that the weights did not provide (a new head, projections, temperature): the optimizer
         gives them the learning-rate multiplier, as the authors do for the keys missing from their checkpoint."""
+        if self.head_loaded:
+            return frozenset()
         return frozenset(name for name, _ in self.named_parameters() if not name.startswith("encoder."))
 
     def text_cls(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,8 @@ class NLVR2Model(TaskModel):
     is the mean of the two passes' (each the mean over MoE layers), the authors' mean over passes of each
     layer's loss, averaged over layers.
     """
+    task = "nlvr2"
+    chosen_head_options = ("head", )
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None,
                  head: str = "biattn"):
@@ -108,6 +110,9 @@ class NLVR2Model(TaskModel):
         else:
             self.head = classifier(2 * width, 2 * width, 2)
         self.init_head_weights()
+
+    def head_options(self) -> dict:
+        return {"head": self.head_type}
 
     def forward(self, images, text_ids, text_padding_mask, labels=None) -> dict:
         """images [B, 2, C, H, W] (the left and right image of each example), sentence ids and padding mask

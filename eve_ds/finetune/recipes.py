@@ -2,10 +2,15 @@
 
 Where the README gives one command for a task, Base and Large share its values. ``eve-tiny`` recipes are
 ours: small enough to fine-tune on the shipped toy data on CPU in seconds.
+
+Training augmentation (``eve_ds/data/augment.py``): VQA's is "rand" whatever the config says (their VQA always
+takes ``train_transform_wohflip``, RandomAugment); NLVR2's the README's aug=rand (the YAML's ``augmentation: null``
+would be crop and flip only); retrieval's the README's augmentation=color (the YAMLs set none). Every size shares it.
 """
 from dataclasses import dataclass, replace
 
 from eve_ds.config import ConfigError
+from eve_ds.data.augment import POLICIES
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,11 @@ class FineTuningRecipe:
     weight_decay: float = 0.01
     aux_weight: float = None  # MoE load-balancing loss weight; None: the model's pre-training weight
     k_test: int = None  # retrieval: candidates re-ranked by the matching head
+    augmentation: str = "none"  # of training images, one of augment.POLICIES
+
+    def __post_init__(self):
+        if self.augmentation not in POLICIES:
+            raise ConfigError(f"recipe '{self.task}': unknown augmentation '{self.augmentation}'")
 
     def warmup_steps(self, total_steps: int) -> int:
         return int(total_steps * self.warmup_fraction)
@@ -40,18 +50,20 @@ MODELS = ("eve-tiny", "eve-base", "eve-large")
 _BASE = {
     # configs/VQA_beit_480_vg.yaml; the authors leave the MoE loss out of VQA's backward pass.
     "vqa": FineTuningRecipe("vqa", "eve-base", image_size=480, global_batch_size=128, lr=3e-5, lr_multiplier=10,
-                            schedule="linear", warmup_fraction=0.1, grad_clip=3.0, aux_weight=0.0),
-    # configs/NLVR_vit_lrtest_5e-5.yaml with the README's bs/lr/lr_mult.
+                            schedule="linear", warmup_fraction=0.1, grad_clip=3.0, aux_weight=0.0,
+                            augmentation="rand"),
+    # configs/NLVR_vit_lrtest_5e-5.yaml with the README's bs/lr/lr_mult/aug.
     "nlvr2": FineTuningRecipe("nlvr2", "eve-base", image_size=384, global_batch_size=128, lr=3.5e-5,
-                              lr_multiplier=15, schedule="cosine", warmup_fraction=0.2, grad_clip=3.0),
-    # configs/Retrieval_coco_ft.yaml with the README's bs/lr/lr_mult/k_test.
+                              lr_multiplier=15, schedule="cosine", warmup_fraction=0.2, grad_clip=3.0,
+                              augmentation="rand"),
+    # configs/Retrieval_coco_ft.yaml with the README's bs/lr/lr_mult/k_test/augmentation.
     "retrieval-coco": FineTuningRecipe("retrieval-coco", "eve-base", image_size=384, global_batch_size=256, lr=3e-5,
                                        lr_multiplier=10, schedule="linear", warmup_fraction=0.1, grad_clip=1.0,
-                                       k_test=128),
+                                       k_test=128, augmentation="color"),
     # configs/Retrieval_flickr_ft.yaml with the README's values (one command for both sizes).
     "retrieval-flickr": FineTuningRecipe("retrieval-flickr", "eve-base", image_size=384, global_batch_size=128,
                                          lr=1e-5, lr_multiplier=5, schedule="linear", warmup_fraction=0.1,
-                                         grad_clip=1.0, k_test=128),
+                                         grad_clip=1.0, k_test=128, augmentation="color"),
 }
 _LARGE_CHANGES = {"retrieval-coco": {"lr": 5e-5}}
 _TINY_CHANGES = {"image_size": 96, "global_batch_size": 8, "epochs": 3, "lr": 5e-4}
@@ -77,3 +89,14 @@ def recipe(task: str, model: str) -> FineTuningRecipe:
     if model not in MODELS:
         raise ConfigError(f"no '{task}' recipe for model '{model}'; choose one of {', '.join(MODELS)}")
     return RECIPES[task, model]
+
+
+def task_augmentation(task: str, recipe_name: str = None) -> str:
+    """The training augmentation of recipe ``recipe_name``, else of the fine-tuning job's task ``task`` ("vqa",
+    "nlvr2", "retrieval": the recipes named after it, which agree); the same for every model size."""
+    if recipe_name:
+        return recipe(recipe_name, "eve-base").augmentation
+    policies = {base.augmentation for name, base in _BASE.items() if name.split("-")[0] == task}
+    if len(policies) != 1:
+        raise ConfigError(f"no one augmentation for task '{task}' (recipes: {', '.join(TASKS)})")
+    return policies.pop()

@@ -99,6 +99,7 @@ class RetrievalModel(TaskModel):
 
     As in the authors' code, the contrastive loss takes the [CLS] states after the encoder's final LayerNorm,
     and the evaluation embeddings (``image_embeddings``, ``text_embeddings``) take them before it."""
+    task = "retrieval"
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, aux_weight: float = None):
         super().__init__(config, placement, aux_weight)

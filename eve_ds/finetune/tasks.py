@@ -13,19 +13,20 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from eve_ds.checkpoint.pretrained import FINETUNING_TASKS, HeldModel
+from eve_ds.data.augment import POLICIES
 from eve_ds.errors import UsageError
 from eve_ds.finetune.annotations import (VISUAL_GENOME, VQA_V2, VQASource, read_answer_list, read_karpathy, read_nlvr2,
                                          read_vqa)
 from eve_ds.finetune.datasets import NLVR2Dataset, RetrievalEvalSet, RetrievalTrainDataset, VQADataset
 from eve_ds.finetune.metrics import accuracy, rerank, retrieval_recall, vqa_accuracy
-from eve_ds.finetune.nlvr2 import HEADS as NLVR2_HEADS, NLVR2Model
-from eve_ds.finetune.retrieval import RetrievalModel
-from eve_ds.finetune.vqa import VQAModel
+from eve_ds.finetune.nlvr2 import HEADS as NLVR2_HEADS
+from eve_ds.finetune.recipes import task_augmentation
 from eve_ds.trainer import to_device
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "data" / "finetune"
-TASKS = ("vqa", "nlvr2", "retrieval")
-MODELS = {"vqa": VQAModel, "nlvr2": NLVR2Model, "retrieval": RetrievalModel}
+TASKS = FINETUNING_TASKS
+MODELS = {task: HeldModel(task).model_class() for task in TASKS}
 # Inputs of the datasets' items that are not the model's.
 NOT_MODEL_INPUTS = ("question_ids", )
 SOURCE_FORMS = "vqa:QUESTIONS:ANNOTATIONS:IMAGES[:IMAGE_NAME] or vg:QUESTION_ANSWERS:IMAGES"
@@ -49,7 +50,7 @@ def parse_train_source(text: str) -> VQASource:
 
 def add_data_arguments(parser):
     """Each task's annotation files and image folders (the defaults are the shipped tiny examples), the text
-    normalisation and NLVR2's head."""
+    normalisation, the training images' augmentation and NLVR2's head."""
     vqa, nlvr2, retrieval = EXAMPLES / "vqa", EXAMPLES / "nlvr2", EXAMPLES / "retrieval"
     group = parser.add_argument_group("VQA v2 data (official layout), Visual Genome QA for training")
     group.add_argument("--train-questions", help="the training split's questions (default: the shipped example's)")
@@ -85,6 +86,13 @@ def add_data_arguments(parser):
     parser.add_argument("--normalize-text", action=argparse.BooleanOptionalAction, default=True,
                         help="normalise questions, sentences and captions as the authors' fine-tuning does (lower "
                              "case, punctuation removed, their word limits); --no-normalize-text keeps them as written")
+    parser.add_argument("--augmentation", default="recipe", choices=("recipe", ) + POLICIES,
+                        help="training images (eve_ds/data/augment.py): 'rand', the authors' RandomAugment (random "
+                             "resized crop, then 2 of 10 ops, each applied with probability 1/2, at magnitude 7 of "
+                             "10); 'color', their colour jitter (crop, then brightness, contrast and saturation by "
+                             "0.6-1.4 in a random order); 'none', resized whole. Every one mirrors an image half the "
+                             "time where its text names no side; evaluation images are resized whole. Default: the "
+                             "recipe's (rand for VQA and NLVR2, color for retrieval)")
 
 
 @dataclass
@@ -97,11 +105,18 @@ class Task:
 
 
 def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str = "val") -> Task:
-    """The task's training set and evaluation split (``split``: "val" or, for retrieval, "test")."""
-    normalize_text = args.normalize_text
+    """The task's training set and evaluation split (``split``: "val" or, for retrieval, "test"). Training images
+    are augmented as --augmentation says, where it says "recipe" as the recipe of --recipe (where ``args`` has it)
+    or of the task does, with draws from (``seed``, epoch, index)."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
+    normalize_text, augmentation = args.normalize_text, getattr(args, "augmentation", "recipe")
+    if augmentation == "recipe":
+        augmentation = task_augmentation(name, getattr(args, "recipe", None))
+    logger.info("%s training images: augmentation %s", name, augmentation)
     if name == "vqa":
         answers = read_answer_list(args.answer_list)
-        train_set = _vqa_training_set(args, answers, tokenizer, image_size, seed)
+        train_set = _vqa_training_set(args, answers, tokenizer, image_size, seed, augmentation)
         evaluation, val_problems = read_vqa(args.val_questions, args.val_images, args.val_annotations or None,
                                             args.image_name)
         val_set = VQADataset(evaluation, answers, tokenizer, image_size, train=False, problems=val_problems,
@@ -111,16 +126,17 @@ def load_task(name: str, args, tokenizer, image_size: int, seed: int, split: str
     if name == "nlvr2":
         train, train_problems = read_nlvr2(args.nlvr2_train, args.nlvr2_train_images)
         evaluation, val_problems = read_nlvr2(args.nlvr2_val, args.nlvr2_val_images)
-        train_set = NLVR2Dataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text)
+        train_set = NLVR2Dataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text,
+                                 train=True, seed=seed, augmentation=augmentation)
         val_set = NLVR2Dataset(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
         return Task(name, train_set, val_set, train_set.problems + val_set.problems, {"head": args.nlvr2_head})
     if name == "retrieval":
         train, train_problems = read_karpathy(args.karpathy, args.karpathy_images, "train")
         evaluation, val_problems = read_karpathy(args.karpathy, args.karpathy_images, split)
-        train_set = RetrievalTrainDataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text)
+        train_set = RetrievalTrainDataset(train, tokenizer, image_size, train_problems, normalize_text=normalize_text,
+                                          seed=seed, augmentation=augmentation)
         val_set = RetrievalEvalSet(evaluation, tokenizer, image_size, val_problems, normalize_text=normalize_text)
         return Task(name, train_set, val_set, train_set.problems + val_set.problems, {})
-    raise ValueError(f"unknown task '{name}'; choose one of {', '.join(TASKS)}")
 
 
 def vqa_train_sources(args) -> list:
@@ -140,7 +156,7 @@ def vqa_train_sources(args) -> list:
                       Path(args.train_annotations or vqa / "v2_shapes_train_annotations.json"))]
 
 
-def _vqa_training_set(args, answers: list, tokenizer, image_size: int, seed: int) -> VQADataset:
+def _vqa_training_set(args, answers: list, tokenizer, image_size: int, seed: int, augmentation: str) -> VQADataset:
     """One training set of every source's questions (``vqa_train_sources``), in order; logs each source's count of
     questions, read and kept."""
     questions, problems, counts = [], Counter(), []
@@ -150,7 +166,7 @@ def _vqa_training_set(args, answers: list, tokenizer, image_size: int, seed: int
         problems += skipped
         counts.append((source, len(read), skipped))
     train_set = VQADataset(questions, answers, tokenizer, image_size, train=True, seed=seed, problems=problems,
-                           normalize_text=args.normalize_text)
+                           normalize_text=args.normalize_text, augmentation=augmentation)
     kept = Counter(question.source for question in train_set.questions)
     for source, read, skipped in counts:
         logger.info("VQA training source %s %s: %d questions, %d with an answer in the list (skipped at reading: %s)",

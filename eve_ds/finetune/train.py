@@ -25,7 +25,6 @@ from eve_ds.config import PRESETS, ConfigError
 from eve_ds.data.tokenizer import TOKENIZER_FILE, TextTokenizer, role_and_token
 from eve_ds.engine import build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
 from eve_ds.errors import ArgumentParser
-from eve_ds.finetune.heads import encoder_weights
 from eve_ds.finetune.optim import lr_scheduler, param_groups
 from eve_ds.finetune.recipes import recipe
 from eve_ds.finetune.tasks import (MODELS, TASKS, add_data_arguments, evaluate, load_task, model_inputs,
@@ -65,9 +64,13 @@ def parse_args(argv=None, evaluating: bool = False):
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--pretrained", required=True,
                         help="consolidated weights folder (tools/consolidate.py, tools/convert_released.py import)"
-                             + (": the one the run started from, for its recipe and tokenizer" if evaluating else ""))
+                             + (": with --run, the one the run started from, for its recipe and tokenizer; without, "
+                                "the weights to evaluate, with their task head" if evaluating else
+                                "; where it holds this task's model (a fine-tuning run's, the authors' fine-tuned "
+                                "file), training continues from its head"))
     if evaluating:
-        parser.add_argument("--run", required=True, help="the fine-tuning run folder (its newest complete checkpoint)")
+        parser.add_argument("--run", default=None,
+                            help="the fine-tuning run folder to evaluate (its newest complete checkpoint)")
         parser.add_argument("--results", default=None, help="VQA: write [{question_id, answer}] here")
     parser.add_argument("--recipe", default=None, help="the authors' recipe to start from (default: the task's; "
                         "retrieval-flickr for Flickr30K)")
@@ -237,10 +240,12 @@ def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: in
 
 
 def start_masters_from_pretrained(engine, model, weights: StoredWeights, placement):
-    """A bf16 (or fp16) engine makes its fp32 master weights from its half-precision weights; the encoder's masters
-    start from the pre-trained fp32 ``weights`` (``open_pretrained``'s) themselves instead, not from their rounding."""
+    """A bf16 (or fp16) engine makes its fp32 master weights from its half-precision weights; the masters of what
+    was loaded (the encoder, and the head where the folder held it) start from the fp32 ``weights``
+    (``open_pretrained``'s) themselves instead, not from their rounding."""
     if engine.bfloat16_enabled() or engine.fp16_enabled():
-        set_master_weights(engine, encoder_weights(weights, model.encoder, placement), prefix="encoder.")
+        module, view = model.stored_part(weights, placement)
+        set_master_weights(engine, view, prefix="" if module is model else "encoder.")
 
 
 def main(argv=None, stop: StopRequest = None):
@@ -301,8 +306,8 @@ def main(argv=None, stop: StopRequest = None):
             logger.info("resumed from %s at step %d", path, start_step)
         if is_main:
             args.out.mkdir(parents=True, exist_ok=True)
-        client_state = {"model_config": model.config.to_dict(), "task": args.task, "head_options": task.head_options,
-                        "seed": args.seed, "deepspeed_config": ds_config}
+        client_state = {"model_config": model.config.to_dict(), **model.held().to_dict(), "seed": args.seed,
+                        "deepspeed_config": ds_config}
         job = FinetuningJob(task, engine, args, steps_per_epoch, client_state, setup.k_test)
         job.write_files = setup.tokenizer.save
         batches = iter(torch.utils.data.DataLoader(
@@ -325,49 +330,22 @@ def main(argv=None, stop: StopRequest = None):
         return summary
 
 
-def trained_head_options(states: dict, task: str, asked: dict) -> dict:
-    """The head a run trained with, from its checkpoint (the command line's choice where the checkpoint has none).
-    NLVR2 runs saved before the head became a choice trained the MLP head."""
+def trained_head_options(states: dict, task: str, asked: dict, source) -> dict:
+    """The head a run trained with, from its checkpoint (``TaskModel.fitted_head_options``; the command line's where
+    the checkpoint has none). NLVR2 runs saved before the head became a choice trained the MLP head."""
     saved = states.get("head_options")
     if saved is None:
         return asked
-    chosen = {**({"head": "mlp"} if task == "nlvr2" else {}), **saved}
-    if chosen != asked:
-        logger.info("the run trained with head options %s: evaluating with them", chosen)
-    return chosen
+    return MODELS[task].fitted_head_options({**({"head": "mlp"} if task == "nlvr2" else {}), **saved}, asked, source)
 
 
 def evaluate_run(argv=None) -> dict:
-    """tools/evaluate.py: the newest complete checkpoint of a fine-tuning run on a split, at the run's layout of
-    ranks (its expert-parallel size); prints the metrics in the paper's layout and writes VQA's results file."""
+    """tools/evaluate.py: a fine-tuned model on a split, from the newest complete checkpoint of a fine-tuning run
+    (--run) or from a weights folder that holds the task's head (--pretrained alone); prints the metrics in the
+    paper's layout and writes VQA's results file."""
     args = parse_args(argv, evaluating=True)
     start_distributed()
-    checkpoints = RunCheckpoints(Path(args.run) / "checkpoints", 0)
-    tag = checkpoints.newest_verified()
-    if tag is None:
-        raise CheckpointError(f"{checkpoints.dir}: no complete checkpoint (--run names the fine-tuning run's folder)")
-    states, states_path = saved_states(tag)
-    config = model_config_in(states, states_path)
-    args.image_size = config.image_size  # the resolution it trained at
-    setup = start(args)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
-                                                   setup.global_batch)
-    ds_config.pop("scheduler", None)
-    # The checkpoint's layout follows the ZeRO stage it was trained under: evaluate under the run's ZeRO settings.
-    trained_under = states.get("deepspeed_config", {}).get("zero_optimization")
-    if trained_under is not None and trained_under != ds_config.get("zero_optimization"):
-        logger.info("the run trained under ZeRO stage %d: evaluating under its ZeRO settings",
-                    trained_under.get("stage", 0))
-        ds_config["zero_optimization"] = trained_under
-    placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
-    head_options = trained_head_options(states, args.task, setup.task.head_options)
-    model = build_model(lambda: MODELS[args.task](config, placement, **head_options), ds_config)
-    # ZeRO-3 keeps the weights in the optimizer's flat partitions, one per parameter group (the training groups),
-    # and reads them with the optimizer's state: DeepSpeed's reader of the weights alone knows no partitioned experts.
-    groups = param_groups(model, setup.lr, setup.recipe.weight_decay, setup.multiplier)
-    engine, _ = initialize(model, ds_config, placement, groups)
-    engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=zero_stage(ds_config) == 3,
-                           load_lr_scheduler_states=False, load_module_strict=True)
+    engine, setup = run_engine(args) if args.run else weights_engine(args)
     metrics = evaluate(setup.task, engine, args.eval_batch_size, setup.k_test)
     results = metrics.pop("results", None)
     if dist.get_rank() == 0:
@@ -377,6 +355,58 @@ def evaluate_run(argv=None) -> dict:
         print(paper_layout(args.task, metrics, args.eval_split))
     dist.barrier()
     return metrics
+
+
+def evaluation_deepspeed_config(args, config, setup) -> tuple:
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
+                                                   setup.global_batch)
+    ds_config.pop("scheduler", None)
+    placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
+    return ds_config, placement
+
+
+def run_engine(args) -> tuple:
+    """(engine, Setup) of a fine-tuning run's newest complete checkpoint, at the run's layout of ranks (its
+    expert-parallel size) and under its ZeRO settings."""
+    checkpoints = RunCheckpoints(Path(args.run) / "checkpoints", 0)
+    tag = checkpoints.newest_verified()
+    if tag is None:
+        raise CheckpointError(f"{checkpoints.dir}: no complete checkpoint (--run names the fine-tuning run's folder)")
+    states, states_path = saved_states(tag)
+    config = model_config_in(states, states_path)
+    args.image_size = config.image_size  # the resolution it trained at
+    setup = start(args)
+    ds_config, placement = evaluation_deepspeed_config(args, config, setup)
+    # The checkpoint's layout follows the ZeRO stage it was trained under: evaluate under the run's ZeRO settings.
+    trained_under = states.get("deepspeed_config", {}).get("zero_optimization")
+    if trained_under is not None and trained_under != ds_config.get("zero_optimization"):
+        logger.info("the run trained under ZeRO stage %d: evaluating under its ZeRO settings",
+                    trained_under.get("stage", 0))
+        ds_config["zero_optimization"] = trained_under
+    head_options = trained_head_options(states, args.task, setup.task.head_options, tag)
+    model = build_model(lambda: MODELS[args.task](config, placement, **head_options), ds_config)
+    # ZeRO-3 keeps the weights in the optimizer's flat partitions, one per parameter group (the training groups),
+    # and reads them with the optimizer's state: DeepSpeed's reader of the weights alone knows no partitioned experts.
+    groups = param_groups(model, setup.lr, setup.recipe.weight_decay, setup.multiplier)
+    engine, _ = initialize(model, ds_config, placement, groups)
+    engine.load_checkpoint(str(checkpoints.dir), tag=tag.name, load_optimizer_states=zero_stage(ds_config) == 3,
+                           load_lr_scheduler_states=False, load_module_strict=True)
+    return engine, setup
+
+
+def weights_engine(args) -> tuple:
+    """(engine, Setup) of a weights folder that holds the task's model with its head (a consolidated fine-tuning run,
+    an imported fine-tuned file), at the resolution it holds."""
+    config = read_pretrained_config(args.pretrained)
+    args.image_size = config.image_size
+    setup = start(args)
+    ds_config, placement = evaluation_deepspeed_config(args, config, setup)
+    weights, fitted_config = open_pretrained(args.pretrained, setup.image_size, setup.recipe.max_text_len)
+    model = MODELS[args.task].from_weights(weights, fitted_config, placement, ds_config, require_head=True,
+                                           **setup.task.head_options)
+    groups = param_groups(model, setup.lr, setup.recipe.weight_decay, setup.multiplier)
+    engine, _ = initialize(model, ds_config, placement, groups)
+    return engine, setup
 
 
 def paper_layout(task: str, metrics: dict, split: str) -> str:

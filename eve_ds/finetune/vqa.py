@@ -15,6 +15,7 @@ def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class VQAModel(TaskModel):
     """The question is encoded jointly with the image; the text [CLS] state goes through the classifier."""
+    task = "vqa"
     default_aux_weight = 0.0  # the authors back-propagate the VQA loss alone
 
     def __init__(self, config: EVEConfig, placement: ExpertPlacement = None, num_answers: int = 3128,
@@ -23,6 +24,9 @@ class VQAModel(TaskModel):
         self.num_answers = num_answers
         self.head = classifier(config.hidden_size, 2 * config.hidden_size, num_answers)
         self.init_head_weights()
+
+    def head_options(self) -> dict:
+        return {"num_answers": self.num_answers}
 
     def forward(self, images, text_ids, text_padding_mask, targets=None) -> dict:
         """images [B, C, H, W], question ids and padding mask [B, L], soft ``targets`` [B, num_answers]

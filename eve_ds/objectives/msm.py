@@ -37,10 +37,14 @@ class MaskedSignalModeling(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, image_size: int = None, max_text_len: int = None) -> "MaskedSignalModeling":
-        """Encoder and pre-training heads from a consolidated checkpoint folder (tools/consolidate.py); the
-        options are ``EVE.from_pretrained``'s."""
-        from eve_ds.checkpoint.pretrained import load_weights, open_pretrained
+        """Encoder and pre-training heads from a consolidated checkpoint folder of a pre-training run
+        (tools/consolidate.py); the options are ``EVE.from_pretrained``'s, which loads the encoder of any folder."""
+        from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, held_model, load_weights, open_pretrained
 
+        held = held_model(path)
+        if held.task != PRETRAINING:
+            raise CheckpointError(f"{path} holds {held.describe()}, without the pre-training heads "
+                                  "(EVE.from_pretrained loads its encoder)")
         weights, config = open_pretrained(path, image_size, max_text_len)
         return load_weights(cls(config), weights, path)
 
