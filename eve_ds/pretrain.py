@@ -8,9 +8,11 @@ import json
 import logging
 import os
 from collections import Counter
+from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -33,6 +35,7 @@ from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
 from eve_ds.trainer import (Job, Loop, RunLog, all_reduce, distributed_env, on_rank_zero, run_folder_held,
                             run_summary, start_distributed, to_device)
+from eve_ds.visualize import captured_predictions, readable_scale, reconstruction_grid, rows_of_batch
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,16 +151,27 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
     return requested
 
 
+# Validation samples drawn in tensorboard's val/reconstruction at every validation: the first of rank 0's first batch.
+RECONSTRUCTION_ROWS = 4
+
+
 @torch.no_grad()
-def validate(engine, batches, patch_size: int) -> dict:
+def validate(engine, batches, patch_size: int, first_batch: list = None) -> dict:
     """Masked image and text losses over the validation set: means over every masked pixel value and every
-    masked token of all ranks, so the grouping into batches and ranks does not change them."""
+    masked token of all ranks, so the grouping into batches and ranks does not change them. Where ``first_batch``
+    is a list, (this rank's first batch, the predictions of its forward: ``visualize.captured_predictions``) is
+    appended to it, taken from the validation forward itself: no extra pass, and under ZeRO-3 every rank runs the
+    same forward passes as without it."""
     engine.eval()
     sums = torch.zeros(4, device=engine.device, dtype=torch.float64)  # image loss x count, count, the same for text
-    for batch in batches:
+    for index, batch in enumerate(batches):
         image_count = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
         text_count = (batch["text_labels"] != IGNORE_INDEX).sum()
-        outputs = engine(**to_device(batch, engine))
+        keep = first_batch is not None and index == 0
+        with captured_predictions(engine.module) if keep else nullcontext() as predictions:
+            outputs = engine(**to_device(batch, engine))
+        if keep:
+            first_batch.append((batch, predictions))
         sums += torch.stack([outputs["image_loss"].double() * image_count, image_count.double(),
                              outputs["text_loss"].double() * text_count, text_count.double()]).to(sums.device)
     engine.train()
@@ -198,11 +212,27 @@ class PretrainingJob(Job):
         if self.validation is not None and (step % self.args.val_interval == 0 or step == self.args.steps):
             batches = validation_batches(self.validation, self.validation_samples, dist.get_rank(), self.world_size,
                                          self.position.stream.micro_batch, self.args.seed, Counter())
-            record.update(validate(self.engine, batches, self.config.patch_size))
+            first_batch = [] if dist.get_rank() == 0 else None
+            record.update(validate(self.engine, batches, self.config.patch_size, first_batch))
             if dist.get_rank() == 0:
                 logger.info("step %d validation: image %.4f  text %.4f", step, record["val_image_loss"],
                             record["val_text_loss"])
+                picture = self.reconstruction_picture(*first_batch[0]) if first_batch else None
+                if picture is not None:
+                    record["images"] = {"val/reconstruction": picture}  # RunLog writes it to tensorboard
         return record
+
+    def reconstruction_picture(self, batch: dict, predictions):
+        """The reconstruction grid (eve_ds/visualize.py) of the first RECONSTRUCTION_ROWS validation samples of rank
+        0's first batch, the same samples with the same masks at every validation and on any world size, as an
+        [H, W, 3] uint8 array (panels enlarged to ``readable_scale``); None where the batch holds padding only."""
+        try:
+            rows = rows_of_batch(batch, predictions, self.config.patch_size, self.validation_samples.tokenizer,
+                                 count=RECONSTRUCTION_ROWS, skip_unmasked=True)
+        except ValueError as error:  # a picture is not worth a run: say why there is none and train on
+            logger.warning("no val/reconstruction picture: %s", error)
+            return None
+        return np.asarray(reconstruction_grid(rows, readable_scale(self.config.image_size)).image) if rows else None
 
     def console(self, record: dict) -> str:
         return (f"{record['tokens_per_s']:.0f} tokens/s  {record['tflops_per_rank']:.3g} TFLOP/s per rank  "

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
@@ -123,8 +124,9 @@ def records_up_to(path: Path, last_step: int) -> list:
 
 
 class RunLog:
-    """Rank 0's outputs: console lines, tensorboard scalars and metrics.jsonl (one object per step, whatever
-    crashes and resumes came before)."""
+    """Rank 0's outputs: console lines, tensorboard scalars and images, and metrics.jsonl (one object per step,
+    whatever crashes and resumes came before). A record's ``images`` ({tag: picture}, e.g. pre-training's
+    ``val/reconstruction``) go to tensorboard only (``add_image``)."""
 
     def __init__(self, out: Path, active: bool, resume_step: int):
         self.active = active
@@ -140,8 +142,10 @@ class RunLog:
     def write(self, record: dict):
         if not self.active:
             return
-        self.metrics.write(json.dumps(record) + "\n")
+        self.metrics.write(json.dumps({key: value for key, value in record.items() if key != "images"}) + "\n")
         self.metrics.flush()
+        for tag, picture in record.get("images", {}).items():
+            self.add_image(tag, picture, record["step"])
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step":
                 name = f"val/{key.removeprefix('val_')}" if key.startswith("val_") else f"train/{key}"
@@ -150,6 +154,15 @@ class RunLog:
             self.writer.add_scalar(f"skipped/{reason}", count, record["step"])
         for layer, load in record.get("expert_load", {}).items():
             self.writer.add_image(f"expert_load/{layer}", expert_load_picture(load), record["step"])
+
+    def add_image(self, tag: str, picture, step: int):
+        """A picture in tensorboard under ``tag``: an [H, W, 3] uint8 array or a PIL image (RGB)."""
+        if not self.active:
+            return
+        picture = np.asarray(picture.convert("RGB") if hasattr(picture, "convert") else picture)
+        if picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8:
+            raise ValueError(f"{tag}: a picture must be [H, W, 3] uint8, got {picture.dtype} {picture.shape}")
+        self.writer.add_image(tag, picture, step, dataformats="HWC")
 
     def close(self):
         if self.active:
