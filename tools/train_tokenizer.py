@@ -85,6 +85,23 @@ def build_tokenizer():
     return tokenizer
 
 
+def train_tokenizer(texts, vocab_size: int, min_frequency: int) -> Tokenizer:
+    """The BPE tokenizer trained over ``texts`` (an iterable of strings), special tokens first, [CLS] ... [SEP]."""
+    tokenizer = build_tokenizer()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
+                                  show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    # Special tokens are added first by the trainer; check rather than assume their ids.
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
+        assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
+    )
+    return tokenizer
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sources", nargs="+", help="JSONL manifests or shard sets (brace pattern, folder, .tar)")
@@ -99,24 +116,12 @@ def main():
         if missing:
             raise SystemExit(f"Not found: {', '.join(map(str, missing[:5]))}")
 
-    tokenizer = build_tokenizer()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, show_progress=False)
     reader = CaptionReader(args.sources)
-    tokenizer.train_from_iterator(reader, trainer=trainer)
+    tokenizer = train_tokenizer(reader, args.vocab_size, args.min_frequency)
     print(f"read {reader.captions_read} captions, skipped {reader.lines_skipped} malformed lines"
           + (f"; in shards: {dict(reader.shard_problems)}" if reader.shard_problems else ""))
     if reader.captions_read == 0:
         raise SystemExit("No captions found in the given sources.")
-
-    # Special tokens are added first by the trainer; check rather than assume their ids.
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        assert tokenizer.token_to_id(token) == expected_id, (token, tokenizer.token_to_id(token))
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]",
-        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
-    )
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer.save(str(args.out))

@@ -102,6 +102,8 @@ def parse_args(argv=None, evaluating: bool = False):
     parser.add_argument("--auto-resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=NON_NEGATIVE_INT, default=2)
+    parser.add_argument("--expert-parallel-size", type=POSITIVE_INT, default=None,
+                        help="replaces the DeepSpeed config's eve.expert_parallel_size (e.g. 1 on one GPU)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     add_data_arguments(parser)
     parser = deepspeed.add_config_arguments(parser)
@@ -229,7 +231,7 @@ def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: in
     """The DeepSpeed config and eve-ds options, without its "scheduler": the recipe's schedule
     (``optim.lr_scheduler``) replaces it, keeping the new parameters' multiplier, so its lengths do not matter."""
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 1,
-                                                   global_batch)
+                                                   global_batch, args.expert_parallel_size)
     if ds_config["train_batch_size"] != global_batch:
         raise ConfigError(f"{args.deepspeed_config}: micro batch {ds_config['train_micro_batch_size_per_gpu']} x "
                           f"accumulation {ds_config['gradient_accumulation_steps']} x {world_size} ranks is a global "
@@ -359,7 +361,7 @@ def evaluate_run(argv=None) -> dict:
 
 def evaluation_deepspeed_config(args, config, setup) -> tuple:
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, dist.get_world_size(), config.num_experts, 1,
-                                                   setup.global_batch)
+                                                   setup.global_batch, args.expert_parallel_size)
     ds_config.pop("scheduler", None)
     placement = ExpertPlacement.of_global_rank(dist.get_rank(), config.num_experts, parallelism.expert_parallel_size)
     return ds_config, placement
