@@ -12,7 +12,7 @@ from eve_ds.errors import UsageError
 from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
 from eve_ds.finetune.train import (epoch_batches, fine_tuning_deepspeed_config, open_tokenizer, paper_layout,
                                    parse_args, preset_name, trained_head_options)
-from tests.conftest import SHAPES, run_tool
+from tests.conftest import REPO, SHAPES, run_tool
 from tests.test_consolidate import write_stage0_checkpoint
 from tests.test_tokenizer import roberta_style_tokenizer
 
@@ -59,11 +59,22 @@ def test_recipes_follow_the_size_of_the_weights_and_metrics_print_as_in_the_pape
 def test_a_config_whose_fixed_micro_batch_misses_the_global_batch_is_refused(tmp_path):
     path = tmp_path / "zero3.json"
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 3}}))
-    args = SimpleNamespace(deepspeed_config=path)
+    args = SimpleNamespace(deepspeed_config=path, expert_parallel_size=None)
     with pytest.raises(ConfigError, match="global batch of 32, not the 128 asked for"):
         fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 128)
     ds_config, _ = fine_tuning_deepspeed_config(args, 2, PRESETS["eve-tiny"], 32)
     assert ds_config["train_batch_size"] == 32
+
+
+def test_expert_parallel_size_on_the_command_line_replaces_the_configs():
+    shipped = REPO / "ds_configs" / "finetune_vqa.json"
+    _, parallelism = fine_tuning_deepspeed_config(SimpleNamespace(deepspeed_config=shipped, expert_parallel_size=None),
+                                                  2, PRESETS["eve-tiny"], 32)
+    assert parallelism.expert_parallel_size == 2
+    _, parallelism = fine_tuning_deepspeed_config(SimpleNamespace(deepspeed_config=shipped, expert_parallel_size=1),
+                                                  1, PRESETS["eve-tiny"], 32)
+    assert parallelism.expert_parallel_size == 1
+    assert parse_args(["--task", "vqa", "--pretrained", "x", "--expert-parallel-size", "1"]).expert_parallel_size == 1
 
 
 def test_fine_tuning_takes_the_tokenizer_and_its_roles_from_the_consolidated_weights(tmp_path):
