@@ -186,8 +186,8 @@ def table(args, results: dict, phases: dict) -> str:
     lines = [f"Transfer on world seed {args.world_seed}, {args.preset}, {args.pretrain_steps} pre-training steps, "
              f"{len(args.seeds)} fine-tuning seeds ({', '.join(map(str, args.seeds))}), "
              f"{args.finetune_epochs} epochs at batch {args.finetune_batch}", "",
-             "| task (metric) | " + " | ".join(name for name, _ in conditions(args)) + " | gain over scratch "
-             "(std of scratch) |", "|---" * (len(conditions(args)) + 2) + "|"]
+             "| task (metric) | " + " | ".join(name for name, _ in conditions(args)) + " | longest pre-training "
+             "over scratch (in the larger std) |", "|---" * (len(conditions(args)) + 2) + "|"]
     for task in args.tasks:
         cells, means = [], []
         for condition, _ in conditions(args):
