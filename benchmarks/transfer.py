@@ -18,7 +18,8 @@ was (the pre-training itself resumes from its newest checkpoint):
 4. ``finetune/TASK/CONDITION/seedS``: ``launch/finetune.py`` with the same options for every condition; its
    ``summary.json`` holds the metric.
 
-The table (``transfer.md``) and the plot (``transfer.png``) are written at the end, with ``results.json``.
+The table (``transfer.md``) and the plot (``transfer.png``) are written at the end, with ``results.json``; both show
+the level a model reaches without looking at the images (the world's blind baselines, retrieval's chance).
 """
 import argparse
 import json
@@ -182,12 +183,25 @@ def finetune(args, world: dict, task: str, condition: str, seed: int) -> dict:
     return json.loads((out / "summary.json").read_text())
 
 
-def table(args, results: dict, phases: dict) -> str:
+def blind_level(world: dict, task: str):
+    """What the task's metric is without looking at the images: the world's strongest blind baseline (VQA: the most
+    frequent answer of the exact question; NLVR2: the majority label of the statement's template), or chance
+    (retrieval's mean recall at 1, 5 and 10 among the evaluation images)."""
+    baselines = world.get("baselines", {})
+    if task == "vqa" and "vqa" in baselines:
+        return baselines["vqa"]["prior_per_question"]
+    if task == "nlvr2" and "nlvr2" in baselines:
+        return baselines["nlvr2"]["majority_per_sentence"]
+    images = world.get("counts", {}).get("retrieval", {}).get("val")
+    return 100 * (1 + 5 + 10) / 3 / images if task == "retrieval" and images else None
+
+
+def table(args, results: dict, phases: dict, world: dict) -> str:
     lines = [f"Transfer on world seed {args.world_seed}, {args.preset}, {args.pretrain_steps} pre-training steps, "
              f"{len(args.seeds)} fine-tuning seeds ({', '.join(map(str, args.seeds))}), "
              f"{args.finetune_epochs} epochs at batch {args.finetune_batch}", "",
-             "| task (metric) | " + " | ".join(name for name, _ in conditions(args)) + " | longest pre-training "
-             "over scratch (in the larger std) |", "|---" * (len(conditions(args)) + 2) + "|"]
+             "| task (metric) | blind | " + " | ".join(name for name, _ in conditions(args)) + " | longest "
+             "pre-training over scratch (in the larger std) |", "|---" * (len(conditions(args)) + 3) + "|"]
     for task in args.tasks:
         cells, means = [], []
         for condition, _ in conditions(args):
@@ -199,13 +213,15 @@ def table(args, results: dict, phases: dict) -> str:
         spread = max(scratch_std, best_std)
         gain = f"{best_mean - scratch_mean:+.1f} ({(best_mean - scratch_mean) / spread:+.1f} σ)" if spread else \
             f"{best_mean - scratch_mean:+.1f}"
-        lines.append(f"| {task} ({METRICS[task][1]}) | " + " | ".join(cells) + f" | {gain} |")
+        blind = blind_level(world, task)
+        lines.append(f"| {task} ({METRICS[task][1]}) | {'-' if blind is None else f'{blind:.1f}'} | "
+                     + " | ".join(cells) + f" | {gain} |")
     lines += ["", "Wall time per phase: " + ", ".join(f"{name} {seconds / 60:.1f} min"
                                                       for name, seconds in phases.items())]
     return "\n".join(lines)
 
 
-def plot(args, results: dict, path: Path):
+def plot(args, results: dict, path: Path, world: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -221,6 +237,9 @@ def plot(args, results: dict, path: Path):
         mean, std = statistics.mean(scratch), statistics.stdev(scratch) if len(scratch) > 1 else 0.0
         axis.axhline(mean, color="gray", linestyle="--", label="from scratch")
         axis.axhspan(mean - std, mean + std, color="gray", alpha=0.2)
+        blind = blind_level(world, task)
+        if blind is not None:
+            axis.axhline(blind, color="black", linestyle=":", label="blind (text only / chance)")
         axis.set_xlabel("pre-training steps")
         axis.set_ylabel(METRICS[task][1])
         axis.set_title(task)
@@ -261,9 +280,9 @@ def main(argv=None):
             print(f"{task} {condition}: {results[task][condition]}", flush=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results, "phases_s": phases}, indent=2) + "\n")
-    text = table(args, results, phases)
+    text = table(args, results, phases, world)
     (args.out / "transfer.md").write_text(text + "\n")
-    plot(args, results, args.out / "transfer.png")
+    plot(args, results, args.out / "transfer.png", world)
     print(text)
     print(f"wrote {args.out / 'transfer.md'} and {args.out / 'transfer.png'}")
 
