@@ -23,6 +23,7 @@ the level a model reaches without looking at the images (the world's blind basel
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -94,11 +95,12 @@ def launcher(args) -> list:
 
 
 def timed(phases: dict, name: str, function):
-    """Runs ``function`` once, recording its wall time in ``phases``; a phase already done keeps its time."""
-    if name not in phases:
-        started = time.perf_counter()
-        function()
-        phases[name] = time.perf_counter() - started
+    """Runs ``function`` (a phase, which skips the work it finds on disk) and returns its value; the phase's wall time
+    goes into ``phases`` the first time it completes, so a resumed benchmark keeps the times of what it did before."""
+    started = time.perf_counter()
+    value = function()
+    phases.setdefault(name, time.perf_counter() - started)
+    return value
 
 
 def step_tags(args) -> list:
@@ -125,10 +127,7 @@ def pretrain(args, world: dict):
     if (run_dir / "summary.json").is_file():
         return
     steps = step_tags(args)
-    # A checkpoint at every point: the save interval divides each point's step.
-    interval = min(steps)
-    while any(step % interval for step in steps):
-        interval -= 1
+    interval = math.gcd(*steps)  # a checkpoint at every point
     data = {key: args.out / "world" / path for key, path in world["pretrain"].items()}
     run([*launcher(args), REPO / "launch" / "pretrain.py", "--deepspeed_config", args.pretrain_config,
          "--model", args.preset, "--data", data["data"], "--val-data", data["val_data"], "--val-interval", interval,
@@ -258,9 +257,7 @@ def main(argv=None):
     def keep_phases():
         phases_path.write_text(json.dumps(phases, indent=2) + "\n")
 
-    world = {}
-    timed(phases, "world", lambda: world.update(make_world(args)))
-    world = world or make_world(args)
+    world = timed(phases, "world", lambda: make_world(args))
     keep_phases()
     timed(phases, "pre-training", lambda: pretrain(args, world))
     keep_phases()
@@ -270,12 +267,8 @@ def main(argv=None):
     for task in args.tasks:
         results[task] = {}
         for condition, _ in conditions(args):
-            def fine_tune_all():
-                results[task][condition] = [finetune(args, world, task, condition, seed)[METRICS[task][0]]
-                                            for seed in args.seeds]
-            timed(phases, f"{task} {condition}", fine_tune_all)
-            if condition not in results[task]:  # done in an earlier invocation: read its summaries
-                fine_tune_all()
+            results[task][condition] = timed(phases, f"{task} {condition}", lambda: [
+                finetune(args, world, task, condition, seed)[METRICS[task][0]] for seed in args.seeds])
             keep_phases()
             print(f"{task} {condition}: {results[task][condition]}", flush=True)
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
