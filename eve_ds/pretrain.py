@@ -270,9 +270,10 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     checkpoints = RunCheckpoints(args.out / "checkpoints", args.keep_checkpoints, layout,
                                  parameter_counts(config).total)
     universal = load_universal(args.resume_from) if args.resume_from else None
-    if universal is not None and held_model(args.resume_from).task != PRETRAINING:
-        raise CheckpointError(f"{args.resume_from} holds {held_model(args.resume_from).describe()}, not a pre-training "
-                              "run's: pre-training resumes only from its own checkpoints")
+    held = held_model(args.resume_from) if universal is not None else None
+    if held is not None and held.task != PRETRAINING:
+        raise CheckpointError(f"{args.resume_from} holds {held.describe()}, not a pre-training run's: pre-training "
+                              "resumes only from its own checkpoints")
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
         source = args.resume_from or resume_tag

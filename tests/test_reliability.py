@@ -105,6 +105,22 @@ def test_a_fresh_start_over_a_run_and_a_second_job_are_refused_and_nothing_is_lo
     assert [r["step"] for r in read_metrics(finished_run)] == [1, 2]
 
 
+def test_pre_training_refuses_to_resume_from_a_fine_tuning_runs_universal_folder(tmp_path):
+    from eve_ds.checkpoint import ConsolidatedCheckpoint
+    from eve_ds.checkpoint.pretrained import HeldModel
+    from eve_ds.checkpoint.universal import save_universal
+    from eve_ds.finetune.vqa import VQAModel
+
+    config = preset("eve-tiny")
+    state_dict = VQAModel(config, num_answers=5).state_dict()
+    moments = {key: {name: torch.zeros_like(t) for name, t in state_dict.items()} for key in ("exp_avg", "exp_avg_sq")}
+    save_universal(tmp_path / "universal", ConsolidatedCheckpoint(
+        state_dict, config, 2, 3, tmp_path, {}, moments, 3, {"last_batch_iteration": 3},
+        held=HeldModel("vqa", {"num_answers": 5})))
+    line = one_sentence(pretrain(tmp_path, tmp_path / "run", "--resume-from", tmp_path / "universal"), EXIT_USAGE)
+    assert "holds the VQA model (num_answers 5), not a pre-training run's" in line
+
+
 def test_a_diverging_run_stops_with_its_last_good_checkpoints_kept(tmp_path):
     out = tmp_path / "run"
     result = pretrain(tmp_path, out, "--steps", 20, "--save-interval", 1, "--max-bad-steps", 3, lr=1e4)
