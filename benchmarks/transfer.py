@@ -3,7 +3,7 @@ fine-tunes every task from the pre-trained weights at several points of pre-trai
 the same recipe, over several seeds; prints one table and plots the downstream metric against pre-training steps.
 
     python benchmarks/transfer.py --out runs/transfer                      # eve-tiny, the default budget (CPU)
-    python benchmarks/transfer.py --out runs/transfer-base --preset eve-base --ranks 8 \\
+    python benchmarks/transfer.py --out runs/transfer-base --preset eve-base --ranks 8 --jobs 8 \\
         --pretrain-steps 20000 --world-args --pretrain-images 500000 --vqa-images 20000
 
 Phases, each kept on disk under --out and skipped when its result is there, so a stopped benchmark resumes where it
@@ -11,20 +11,24 @@ was (the pre-training itself resumes from its newest checkpoint):
 
 1. ``world/``: ``tools/make_world.py --world-seed`` (pre-training shards, task sets, tokenizer; ``--world-args``
    are passed on to it).
-2. ``pretrain/``: ``launch/pretrain.py`` for ``--pretrain-steps``, keeping a checkpoint at every point of
-   ``--points`` (fractions of the budget).
+2. ``pretrain/``: ``launch/pretrain.py`` for ``--pretrain-steps`` at ``--pretrain-lr``, keeping a checkpoint at every
+   point of ``--points`` (fractions of the budget).
 3. ``weights/step_N`` (``tools/consolidate.py`` of each point) and ``weights/scratch-seedS`` (the same model,
    randomly initialised with the fine-tuning seed).
-4. ``finetune/TASK/CONDITION/seedS``: ``launch/finetune.py`` with the same options for every condition; its
-   ``summary.json`` holds the metric.
+4. ``grounding.json``: ``benchmarks/grounding.py`` on every point and on random weights (which words of a caption
+   the model reads off the picture).
+5. ``finetune/TASK/CONDITION/seedS``: ``launch/finetune.py`` with the same options for every condition, ``--jobs``
+   runs side by side (each on ``--finetune-ranks`` ranks of its own); its ``summary.json`` holds the metric.
 
 The table (``transfer.md``) and the plot (``transfer.png``) are written at the end, with ``results.json``; both show
 the level a model reaches without looking at the images (the world's blind baselines, retrieval's chance).
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import os
+import queue
 import shutil
 import statistics
 import subprocess
@@ -39,6 +43,8 @@ sys.path.insert(0, str(REPO))
 METRICS = {"vqa": ("val_vqa_accuracy", "VQA accuracy"), "nlvr2": ("val_accuracy", "NLVR2 accuracy"),
            "retrieval": ("val_r_mean", "retrieval mean recall (re-ranked)")}
 SCRATCH = "scratch"
+TINY_LR = 2e-3
+BASE_PORT = 29500  # the launcher's default rendezvous port; job slot s uses BASE_PORT + s
 
 
 def parse_args(argv=None):
@@ -48,16 +54,29 @@ def parse_args(argv=None):
     parser.add_argument("--world-args", nargs=argparse.REMAINDER, default=[],
                         help="the rest of the command line goes to tools/make_world.py (sizes of the world)")
     parser.add_argument("--preset", default="eve-tiny")
-    parser.add_argument("--ranks", type=int, default=2, help="ranks of each launch (GPUs, or CPU processes)")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the pre-training (GPUs, or CPU processes)")
+    parser.add_argument("--finetune-ranks", type=int, default=1, help="ranks of each fine-tuning run; with --jobs J, "
+                        "J runs at a time take J x this many GPUs or CPU cores")
+    parser.add_argument("--jobs", type=int, default=2, help="fine-tuning runs side by side (on 2 CPU cores, two "
+                        "1-rank runs take 46 s each against 99 s for one 2-rank run, docs/transfer.md)")
     parser.add_argument("--pretrain-steps", type=int, default=1200)
     parser.add_argument("--pretrain-config", default=str(REPO / "ds_configs" / "zero2_ep.json"))
+    parser.add_argument("--pretrain-lr", type=float, default=None,
+                        help=f"peak learning rate of the pre-training (default: {TINY_LR:g} for eve-tiny, whose "
+                             "validation losses after 1,200 steps at batch 32 are lower than at the config's 1e-3: "
+                             "text 0.50 against 0.72, docs/transfer.md; the config's for other presets)")
     parser.add_argument("--pretrain-args", default="", help="more options of launch/pretrain.py, one string")
     parser.add_argument("--points", default="0.25,0.5,1", help="fractions of the budget to fine-tune from")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--tasks", default="vqa,nlvr2,retrieval")
-    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--finetune-epochs", default="vqa=5,nlvr2=5,retrieval=2",
+                        help="epochs of the fine-tuning runs: one number for every task, or one per task")
     parser.add_argument("--finetune-batch", type=int, default=32, help="global batch of every fine-tuning run")
     parser.add_argument("--finetune-lr", type=float, default=None, help="default: the recipe's")
+    parser.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                        help="fine-tuning recomputes activations in the backward pass, as the task configs do to fit "
+                             "eve-base on a GPU (off by default: a small preset needs no memory saving, and runs "
+                             "about 1.4x faster without)")
     parser.add_argument("--finetune-args", default="", help="more options of launch/finetune.py, one string")
     parser.add_argument("--default-augmentation", action="store_true",
                         help="train with the jobs' default augmentations, not the world's recommended options")
@@ -68,7 +87,28 @@ def parse_args(argv=None):
     unknown = [task for task in args.tasks if task not in METRICS]
     if unknown or not all(0 < point <= 1 for point in args.points):
         parser.error(f"--tasks takes {', '.join(METRICS)}; --points are fractions in (0, 1]")
+    if min(args.ranks, args.finetune_ranks, args.jobs) < 1:
+        parser.error("--ranks, --finetune-ranks and --jobs must be positive")
+    try:
+        args.finetune_epochs = per_task(args.finetune_epochs, args.tasks)
+    except ValueError as error:
+        parser.error(f"--finetune-epochs: {error}")
     return args
+
+
+def per_task(text: str, tasks: list) -> dict:
+    """{task: positive int} of "N" (every task) or "task=N,task=N" (every task of ``tasks`` named)."""
+    if "=" not in text:
+        values = {task: text for task in tasks}
+    else:
+        values = dict(part.split("=", 1) for part in text.split(","))
+        missing = [task for task in tasks if task not in values]
+        if missing:
+            raise ValueError(f"no value for {', '.join(missing)}")
+    values = {task: int(values[task]) for task in tasks}
+    if min(values.values()) < 1:
+        raise ValueError("epochs must be positive")
+    return values
 
 
 def environment() -> dict:
@@ -90,8 +130,15 @@ def run(command: list, log: Path):
         sys.exit(f"transfer: {command[0]} ... failed ({result.returncode}); see {log}")
 
 
-def launcher(args) -> list:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", args.ranks]
+def launcher(ranks: int, slot: int = 0) -> list:
+    """The DeepSpeed launcher for ``ranks`` ranks in job slot ``slot``: slots run side by side, each on its own port
+    and, on GPUs, its own devices (slot s takes devices s*ranks to (s+1)*ranks - 1)."""
+    import torch
+
+    where = ["--num_gpus", ranks]
+    if torch.cuda.is_available():
+        where = ["--include", "localhost:" + ",".join(str(slot * ranks + rank) for rank in range(ranks))]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", BASE_PORT + slot]
 
 
 def timed(phases: dict, name: str, function):
@@ -129,7 +176,14 @@ def pretrain(args, world: dict):
     steps = step_tags(args)
     interval = math.gcd(*steps)  # a checkpoint at every point
     data = {key: args.out / "world" / path for key, path in world["pretrain"].items()}
-    run([*launcher(args), REPO / "launch" / "pretrain.py", "--deepspeed_config", args.pretrain_config,
+    config = json.loads(Path(args.pretrain_config).read_text())
+    lr = args.pretrain_lr or (TINY_LR if args.preset == "eve-tiny" else None)
+    if lr is not None:
+        config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})["lr"] = lr
+    config_path = args.out / "configs" / "pretrain.json"
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    run([*launcher(args.ranks), REPO / "launch" / "pretrain.py", "--deepspeed_config", config_path,
          "--model", args.preset, "--data", data["data"], "--val-data", data["val_data"], "--val-interval", interval,
          "--tokenizer", data["tokenizer"], "--out", run_dir, "--steps", args.pretrain_steps, "--save-interval",
          interval, "--keep-checkpoints", 0, "--auto-resume", "--num-workers", 1, *recommended(args, world, "pretrain"),
@@ -167,19 +221,97 @@ def conditions(args) -> list:
     return [(SCRATCH, None)] + [(f"step_{step}", step) for step in step_tags(args)]
 
 
-def finetune(args, world: dict, task: str, condition: str, seed: int) -> dict:
+def finetune(args, world: dict, task: str, condition: str, seed: int, slot: int = 0) -> dict:
+    """The summary of one fine-tuning run (launched in job slot ``slot`` unless its folder holds it), with the run's
+    wall time as ``wall_s``."""
     out = args.out / "finetune" / task / condition / f"seed{seed}"
     if not (out / "summary.json").is_file():
         shutil.rmtree(out, ignore_errors=True)  # a run stopped part-way starts again: runs are short
         weights = scratch_weights(args, seed) if condition == SCRATCH else args.out / "weights" / condition
         options = [option.replace("{world}", str(args.out / "world")) for option in world["finetune_options"][task]]
         lr = ["--lr", args.finetune_lr] if args.finetune_lr else []
-        run([*launcher(args), REPO / "launch" / "finetune.py", "--task", task, "--pretrained", weights, "--out", out,
-             "--seed", seed, "--epochs", args.finetune_epochs, "--batch-size", args.finetune_batch, *lr,
-             "--num-workers", 1, "--log-interval", 50, *options, *recommended(args, world, "finetune"),
-             *args.finetune_args.split()],
+        started = time.perf_counter()
+        run([*launcher(args.finetune_ranks, slot), REPO / "launch" / "finetune.py", "--task", task, "--pretrained",
+             weights, "--out", out, "--seed", seed, "--epochs", args.finetune_epochs[task], "--batch-size",
+             args.finetune_batch, *lr, "--deepspeed_config", args.out / "configs" / f"finetune_{task}.json",
+             "--save-interval", 10**9, "--num-workers", 1, "--log-interval", 50, *options,
+             *recommended(args, world, "finetune"), *args.finetune_args.split()],
             args.out / "logs" / f"finetune_{task}_{condition}_seed{seed}.log")
-    return json.loads((out / "summary.json").read_text())
+        (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}) + "\n")
+    wall = out / "wall.json"
+    return {**json.loads((out / "summary.json").read_text()),
+            "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None}
+
+
+def finetune_config(args, task: str) -> Path:
+    """The task's shipped DeepSpeed config (ds_configs/finetune_TASK.json) with the benchmark's activation
+    checkpointing and an expert-parallel size that divides the ranks of a run, written under --out/configs."""
+    config = json.loads((REPO / "ds_configs" / f"finetune_{task}.json").read_text())
+    eve = config.setdefault("eve", {})
+    eve["activation_checkpointing"] = args.activation_checkpointing
+    eve["expert_parallel_size"] = math.gcd(eve.get("expert_parallel_size", 1), args.finetune_ranks)
+    path = args.out / "configs" / f"finetune_{task}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=2) + "\n")
+    return path
+
+
+def finetune_all(args, world: dict) -> dict:
+    """{task: {condition: [summary of each seed]}}, running --jobs fine-tunings at a time (each in its own slot)."""
+    for seed in args.seeds:  # what the runs share is written before they start side by side
+        scratch_weights(args, seed)
+    for task in args.tasks:
+        finetune_config(args, task)
+    runs = [(task, condition, seed) for task in args.tasks for condition, _ in conditions(args) for seed in args.seeds]
+    slots = queue.SimpleQueue()
+    for slot in range(args.jobs):
+        slots.put(slot)
+
+    def one(task, condition, seed):
+        slot = slots.get()
+        try:
+            return finetune(args, world, task, condition, seed, slot)
+        finally:
+            slots.put(slot)
+
+    results = {task: {condition: [None] * len(args.seeds) for condition, _ in conditions(args)} for task in args.tasks}
+    pool = concurrent.futures.ThreadPoolExecutor(args.jobs)
+    futures = {pool.submit(one, *item): item for item in runs}
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            task, condition, seed = futures[future]
+            summary = future.result()
+            results[task][condition][args.seeds.index(seed)] = summary
+            print(f"{task} {condition} seed {seed}: {METRICS[task][0]} {summary[METRICS[task][0]]:.2f}", flush=True)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def pretraining_masking(args):
+    """The masking settings of the benchmark's pre-training (launch/pretrain.py's defaults and --pretrain-args)."""
+    from eve_ds.objectives import MaskingConfig
+    from eve_ds.pretrain import parse_args as pretrain_options
+
+    options = pretrain_options(["--deepspeed_config", args.pretrain_config, *args.pretrain_args.split()])
+    return MaskingConfig(options.image_mask_ratio, options.image_masking, options.text_mask_ratio)
+
+
+def grounding_probe(args) -> dict:
+    """benchmarks/grounding.py on every point and on the random weights of the first seed, with the pre-training's
+    share of masked patches (the masks it was trained to read past): {condition: {kind: {"own", "other", "tokens"}}}."""
+    from benchmarks.grounding import grounding
+
+    path = args.out / "grounding.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ratio = pretraining_masking(args).image_mask_ratio
+    rows = {condition: grounding(scratch_weights(args, args.seeds[0]) if condition == SCRATCH else
+                                 args.out / "weights" / condition, args.world_seed, image_mask_ratio=ratio)
+            for condition, _ in conditions(args)}
+    rows = {"image_mask_ratio": ratio, "rows": rows}
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    return rows
 
 
 def blind_level(world: dict, task: str):
@@ -195,10 +327,19 @@ def blind_level(world: dict, task: str):
     return 100 * (1 + 5 + 10) / 3 / images if task == "retrieval" and images else None
 
 
+def probe_table(probe: dict) -> str:
+    from benchmarks.grounding import table as grounding_table
+
+    return (f"Masked words of new scenes, top-1 % with the scene's own image / another scene's "
+            f"(benchmarks/grounding.py, {probe['image_mask_ratio']:.0%} of the image masked):\n\n"
+            + grounding_table(probe["rows"]))
+
+
 def table(args, results: dict, phases: dict, world: dict) -> str:
     lines = [f"Transfer on world seed {args.world_seed}, {args.preset}, {args.pretrain_steps} pre-training steps, "
              f"{len(args.seeds)} fine-tuning seeds ({', '.join(map(str, args.seeds))}), "
-             f"{args.finetune_epochs} epochs at batch {args.finetune_batch}", "",
+             f"epochs {', '.join(f'{task} {n}' for task, n in args.finetune_epochs.items())} at batch "
+             f"{args.finetune_batch}", "",
              "| task (metric) | blind | " + " | ".join(name for name, _ in conditions(args)) + " | longest "
              "pre-training over scratch (in the larger std) |", "|---" * (len(conditions(args)) + 3) + "|"]
     for task in args.tasks:
@@ -263,17 +404,19 @@ def main(argv=None):
     keep_phases()
     timed(phases, "consolidation", lambda: consolidate(args))
     keep_phases()
-    results = {}
-    for task in args.tasks:
-        results[task] = {}
-        for condition, _ in conditions(args):
-            results[task][condition] = timed(phases, f"{task} {condition}", lambda: [
-                finetune(args, world, task, condition, seed)[METRICS[task][0]] for seed in args.seeds])
-            keep_phases()
-            print(f"{task} {condition}: {results[task][condition]}", flush=True)
+    probe = timed(phases, "grounding probe", lambda: grounding_probe(args))
+    keep_phases()
+    summaries = timed(phases, "fine-tuning", lambda: finetune_all(args, world))
+    keep_phases()
+    results = {task: {condition: [summary[METRICS[task][0]] for summary in runs] for condition, runs in by_task.items()}
+               for task, by_task in summaries.items()}
+    walls = {task: [summary["wall_s"] for runs in by_task.values() for summary in runs if summary["wall_s"]]
+             for task, by_task in summaries.items()}
+    phases.update({f"{task} run (mean)": statistics.mean(times) for task, times in walls.items() if times})
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                                       "results": results, "phases_s": phases}, indent=2) + "\n")
-    text = table(args, results, phases, world)
+                                                       "results": results, "grounding": probe,
+                                                       "phases_s": phases}, indent=2) + "\n")
+    text = table(args, results, phases, world) + "\n\n" + probe_table(probe)
     (args.out / "transfer.md").write_text(text + "\n")
     plot(args, results, args.out / "transfer.png", world)
     print(text)

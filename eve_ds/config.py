@@ -33,6 +33,9 @@ class EVEConfig:
     layer_scale_init: float = 0.1
     layer_norm_eps: float = 1e-6
     init_std: float = 0.02
+    # How the learned position embeddings start: "sincos" (sine-cosine tables, 2-D for the image as MAE's) or
+    # "normal" (init_std, as BEiT's). The authors' pre-training init is not public; see eve_ds/model/init.py.
+    position_init: str = "sincos"
 
     def __post_init__(self):
         object.__setattr__(self, "moe_layers", tuple(self.moe_layers))
@@ -47,6 +50,10 @@ class EVEConfig:
             ("num_experts", self.num_experts >= self.top_k,
              f"num_experts {self.num_experts} is smaller than top_k {self.top_k}"),
             ("max_text_len", self.max_text_len >= 3, "max_text_len must hold [CLS], one token and [SEP]"),
+            ("position_init", self.position_init in ("sincos", "normal"),
+             f"position_init must be 'sincos' or 'normal', got {self.position_init!r}"),
+            ("hidden_size", self.position_init != "sincos" or self.hidden_size % 4 == 0,
+             f"position_init 'sincos' needs a hidden_size divisible by 4, got {self.hidden_size}"),
         ]
         for key, ok, message in checks:
             if not ok:
@@ -83,7 +90,7 @@ class EVEConfig:
 
 
 # Configs saved before a key existed computed with these values.
-SAVED_BEFORE_THE_KEY_EXISTED = {"routing_embedding_to_experts": False}
+SAVED_BEFORE_THE_KEY_EXISTED = {"routing_embedding_to_experts": False, "position_init": "normal"}
 
 PRESETS = {
     # Small enough to train in seconds on CPU, yet with two MoE layers of four experts.

@@ -73,6 +73,9 @@ def parse_args(argv=None):
                         help="add the MoE routing embedding to the experts' input too, as the authors' released "
                              "model does (default: the preset's, on); --no-routing-embedding-to-experts adds it "
                              "to the router's input only")
+    parser.add_argument("--position-init", choices=("sincos", "normal"), default=None,
+                        help="how the learned position embeddings start: sine-cosine tables (the default) or a "
+                             "normal of the init std (BEiT's)")
     parser.add_argument("--out", default=None, help="run folder (default: runs/<model>)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps to train in all")
     parser.add_argument("--save-interval", type=int, default=100, help="checkpoint every N steps (and at the end)")
@@ -140,6 +143,8 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
     """A resumed run goes on computing the function its checkpoint was trained as: where the checkpoint says
     otherwise about the routing embedding (those written before that setting existed are router-only), the
     checkpoint wins. Any other difference is an error that names the keys."""
+    # How the positions were initialised does not change what the saved weights compute: the checkpoint's is kept.
+    requested = requested.replace(position_init=saved.position_init)
     if saved.routing_embedding_to_experts != requested.routing_embedding_to_experts:
         logger.warning("%s was trained with routing_embedding_to_experts %s; the resumed run keeps that",
                        source, saved.routing_embedding_to_experts)
@@ -252,6 +257,8 @@ def main(argv=None, stop: StopRequest = None):
     config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
     if args.routing_embedding_to_experts is not None:
         config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
+    if args.position_init is not None:
+        config = config.replace(position_init=args.position_init)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
     ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps,
                                                    expert_parallel_size=args.expert_parallel_size)

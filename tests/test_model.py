@@ -54,6 +54,28 @@ def test_routing_embedding_reaches_the_experts_by_default_and_old_configs_are_ro
     assert EVEConfig.from_dict(saved) == preset("eve-base").replace(routing_embedding_to_experts=False)
 
 
+def test_positions_start_as_sine_cosine_tables_and_old_configs_as_normal():
+    config = preset("eve-tiny")
+    torch.manual_seed(0)
+    model = EVE(config)
+    grid, half = config.image_size // config.patch_size, config.hidden_size // 2
+    image = model.image_pos[0, 1:].detach().view(grid, grid, -1)
+    assert torch.equal(image[:, :1, :half].expand(-1, grid, -1), image[..., :half])  # rows: the first half
+    assert torch.equal(image[:1, :, half:].expand(grid, -1, -1), image[..., half:])  # columns: the second
+    assert torch.allclose(image[:, 0, 0], torch.arange(grid).float().sin())  # the fastest frequency is 1
+    assert torch.allclose(image[:, 0, half + half // 2], torch.ones(grid))  # the columns' cosines: 1 at column 0
+    assert torch.allclose(model.text_pos[0, :, 0].detach(), torch.arange(config.max_text_len).float().sin())
+    assert image.abs().max() <= 1 and image.reshape(grid * grid, -1).std(0).mean() > 0.1
+
+    normal = EVE(config.replace(position_init="normal"))
+    assert 0.015 < normal.image_pos.std().item() < 0.025 and 0.015 < normal.text_pos.std().item() < 0.025
+    saved = config.to_dict()
+    del saved["position_init"]  # as written before the setting existed
+    assert EVEConfig.from_dict(saved).position_init == "normal"
+    with pytest.raises(ConfigError, match="'position_init'"):
+        config.replace(position_init="learned")
+
+
 def test_invalid_configs_name_the_key():
     with pytest.raises(ConfigError, match="'hidden_size'"):
         EVEConfig(hidden_size=100, num_heads=12)

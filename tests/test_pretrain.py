@@ -9,6 +9,8 @@ def test_resume_keeps_the_checkpoints_routing_setting_and_names_any_other_differ
     requested = preset("eve-tiny")
     router_only = requested.replace(routing_embedding_to_experts=False)  # e.g. written before the setting existed
     assert resumed_config(requested, router_only, "runs/x/checkpoints") == router_only
+    normal = router_only.replace(position_init="normal")  # the start of the weights, not what they compute
+    assert resumed_config(requested, normal, "runs/x/checkpoints") == normal
     with pytest.raises(ConfigError, match="runs/x/checkpoints was written for another model configuration: "
                                           "hidden_size 256 where this run has 128, num_heads 8 where this run has 4"):
         resumed_config(requested, router_only.replace(hidden_size=256, num_heads=8), "runs/x/checkpoints")

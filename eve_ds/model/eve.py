@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from eve_ds.config import EVEConfig
-from eve_ds.model.init import fresh_seed, init_modules_, seeded_generator
+from eve_ds.model.init import (fresh_seed, init_modules_, seeded_generator, sincos_positions, sincos_table,
+                               whole)
 from eve_ds.model.moe import TEXT, VISION, ExpertPlacement, ModalityAwareMoE
 
 
@@ -150,6 +151,10 @@ class EVE(nn.Module):
         in_moe_layers = {id(module) for moe in self.moe_layers() for module in moe.modules()}
         init_modules_((module for module in self.modules() if id(module) not in in_moe_layers), config.init_std,
                       generator)
+        if config.position_init == "sincos" and not self.image_pos.is_meta:
+            with whole(self), torch.no_grad():
+                self.image_pos[0, 1:].copy_(sincos_positions(config.image_size // config.patch_size, width))
+                self.text_pos[0].copy_(sincos_table(torch.arange(config.max_text_len), width))
 
     def embed_image(self, images, image_mask=None):
         """[B, C, H, W] -> [B, num_image_tokens, width]: [CLS_img] and patches, with positions and type."""

@@ -1,5 +1,6 @@
 """EVE's initial weights: a truncated normal of std ``init_std`` for the weights of linear, convolution and
-embedding layers and for learned vectors, zero biases, unit norms.
+embedding layers and for learned vectors, zero biases, unit norms; the learned position embeddings start either so
+too or as fixed sine-cosine tables (``sincos_positions``), which they leave in training.
 
 Draws are made on the CPU from a generator the model owns (seeded by one draw of the global RNG, which every
 rank seeds alike), so the weights come out the same on any device, for any expert layout, and whether or not
@@ -61,3 +62,22 @@ def init_module_(module: nn.Module, std: float, generator: torch.Generator):
 def init_modules_(modules, std: float, generator: torch.Generator):
     for module in modules:
         init_module_(module, std, generator)
+
+
+def sincos_table(positions: torch.Tensor, width: int) -> torch.Tensor:
+    """[len(positions), width]: sines in the first half, cosines in the second, at the transformer's geometric
+    frequencies 1 / 10000^(i / (width/2))."""
+    frequencies = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width // 2))
+    angles = positions.to(torch.float64)[:, None] * frequencies[None]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+
+
+def sincos_positions(grid_size: int, width: int) -> torch.Tensor:
+    """[grid_size**2, width], raster order: the first half of the channels encode the row, the second the column
+    (MAE's 2-D table). Every entry lies in [-1, 1], a scale a patch's embedding starts at, so from the first step a
+    patch's token says where it is: a position embedding drawn with std 0.02 is a few percent of a patch's embedding
+    after the joint layer norm, and a small model trained for thousands of steps never learns to read it."""
+    if width % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {width}")
+    rows, columns = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
+    return torch.cat([sincos_table(rows.flatten(), width // 2), sincos_table(columns.flatten(), width // 2)], dim=1)

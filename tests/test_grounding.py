@@ -1,0 +1,65 @@
+"""benchmarks/grounding.py: the probe masks exactly the words of one kind in a caption true of the scene, counts
+every masked token, and gives the same figures twice."""
+import importlib.util
+
+import pytest
+import torch
+
+from eve_ds.checkpoint import save_pretrained
+from eve_ds.checkpoint.pretrained import PRETRAINING, HeldModel
+from eve_ds.config import preset
+from eve_ds.data import TextTokenizer, world
+from eve_ds.objectives import MaskedSignalModeling
+from tests.conftest import REPO
+from tools import make_world
+
+
+def load_probe():
+    spec = importlib.util.spec_from_file_location("grounding_probe", REPO / "benchmarks" / "grounding.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROBE = load_probe()
+SCENES = 12
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A consolidated folder of a random eve-tiny with a small world's tokenizer."""
+    root = tmp_path_factory.mktemp("grounding")
+    make_world.main(["--out", str(root / "world"), "--pretrain-images", "30", "--pretrain-val-images", "5",
+                     "--shard-size", "30", "--vqa-images", "12", "--nlvr2-pairs", "20", "--retrieval-images", "10"])
+    config = preset("eve-tiny")
+    tokenizer = TextTokenizer(root / "world" / "tokenizer.json", config.max_text_len)
+    torch.manual_seed(0)
+    model = MaskedSignalModeling(config.replace(vocab_size=tokenizer.vocab_size))
+    save_pretrained(root / "weights", model.state_dict(), model.config, tokenizer=tokenizer,
+                    held=HeldModel(PRETRAINING))
+    return root / "weights"
+
+
+def test_each_kind_masks_exactly_its_words(folder):
+    tokenizer = TextTokenizer.from_folder(folder, preset("eve-tiny").max_text_len)
+    scene = world.sample_scene(world.item_rng(0, PROBE.PROBE_SET, 3), 96, count=3)
+    words = PROBE.probe_caption(scene)
+    assert " ".join(word for word, _ in words).startswith(world.describe(scene["objects"][0]))
+    for kind in PROBE.KINDS:
+        inputs, labels, padding = PROBE.masked_caption(tokenizer, words, kind)
+        masked = labels != -100
+        assert (inputs[masked] == tokenizer.mask_id).all() and (inputs[~masked & padding] != tokenizer.mask_id).all()
+        expected = [word for word, word_kind in words if word_kind == kind]
+        assert tokenizer.decode(labels[masked].tolist()).split() == expected
+
+
+def test_figures_count_every_word_and_repeat(folder):
+    first = PROBE.grounding(folder, scenes=SCENES, image_mask_ratio=0.5)
+    assert first == PROBE.grounding(folder, scenes=SCENES, image_mask_ratio=0.5)
+    scenes = [world.sample_scene(world.item_rng(0, PROBE.PROBE_SET, index), 96) for index in range(SCENES)]
+    objects = sum(len(scene["objects"]) for scene in scenes)
+    expected = {"size": objects, "colour": objects, "shape": objects, "position": 2 * objects, "background": SCENES}
+    assert {kind: row["tokens"] for kind, row in first.items()} == expected
+    assert all(0 <= row[column] <= 100 for row in first.values() for column in ("own", "other"))
+    table = PROBE.table({"random": first})
+    assert table.count("\n") == 2 and f"{first['shape']['own']:.1f} / {first['shape']['other']:.1f}" in table
