@@ -30,6 +30,7 @@ import math
 import os
 import queue
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +45,6 @@ METRICS = {"vqa": ("val_vqa_accuracy", "VQA accuracy"), "nlvr2": ("val_accuracy"
            "retrieval": ("val_r_mean", "retrieval mean recall (re-ranked)")}
 SCRATCH = "scratch"
 TINY_LR = 2e-3
-BASE_PORT = 29500  # the launcher's default rendezvous port; job slot s uses BASE_PORT + s
 
 
 def parse_args(argv=None):
@@ -130,15 +130,22 @@ def run(command: list, log: Path):
         sys.exit(f"transfer: {command[0]} ... failed ({result.returncode}); see {log}")
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def launcher(ranks: int, slot: int = 0) -> list:
-    """The DeepSpeed launcher for ``ranks`` ranks in job slot ``slot``: slots run side by side, each on its own port
-    and, on GPUs, its own devices (slot s takes devices s*ranks to (s+1)*ranks - 1)."""
+    """The DeepSpeed launcher for ``ranks`` ranks in job slot ``slot``: slots run side by side, on GPUs each on its own
+    devices (slot s takes devices s*ranks to (s+1)*ranks - 1); every launch rendezvous on a free port of its own (two
+    launches on one port fail with EADDRINUSE)."""
     import torch
 
     where = ["--num_gpus", ranks]
     if torch.cuda.is_available():
         where = ["--include", "localhost:" + ",".join(str(slot * ranks + rank) for rank in range(ranks))]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", BASE_PORT + slot]
+    return [sys.executable, "-m", "deepspeed.launcher.runner", *where, "--master_port", free_port()]
 
 
 def timed(phases: dict, name: str, function):

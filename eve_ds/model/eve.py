@@ -154,7 +154,7 @@ class EVE(nn.Module):
         if config.position_init == "sincos" and not self.image_pos.is_meta:
             with whole(self), torch.no_grad():
                 self.image_pos[0, 1:].copy_(sincos_positions(config.image_size // config.patch_size, width))
-                self.text_pos[0].copy_(sincos_table(torch.arange(config.max_text_len), width))
+                self.text_pos[0].copy_(sincos_table(range(config.max_text_len), width))
 
     def embed_image(self, images, image_mask=None):
         """[B, C, H, W] -> [B, num_image_tokens, width]: [CLS_img] and patches, with positions and type."""

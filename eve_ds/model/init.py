@@ -9,6 +9,7 @@ gathered while they are written (``whole``), which does nothing to parameters th
 """
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 from torch import nn
@@ -64,12 +65,13 @@ def init_modules_(modules, std: float, generator: torch.Generator):
         init_module_(module, std, generator)
 
 
-def sincos_table(positions: torch.Tensor, width: int) -> torch.Tensor:
+def sincos_table(positions, width: int) -> torch.Tensor:
     """[len(positions), width]: sines in the first half, cosines in the second, at the transformer's geometric
-    frequencies 1 / 10000^(i / (width/2))."""
-    frequencies = 1.0 / 10000 ** (torch.arange(width // 2, dtype=torch.float64) / (width // 2))
-    angles = positions.to(torch.float64)[:, None] * frequencies[None]
-    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
+    frequencies 1 / 10000^(i / (width/2)). Computed in numpy: inside ``deepspeed.zero.Init`` torch's tensor factories
+    make tensors of the model's dtype, and a float64 ``arange`` would come out float32 (and other values)."""
+    frequencies = 1.0 / 10000 ** (np.arange(width // 2, dtype=np.float64) / (width // 2))
+    angles = np.asarray(positions, dtype=np.float64)[:, None] * frequencies[None]
+    return torch.from_numpy(np.concatenate([np.sin(angles), np.cos(angles)], axis=1).astype(np.float32))
 
 
 def sincos_positions(grid_size: int, width: int) -> torch.Tensor:
@@ -79,5 +81,5 @@ def sincos_positions(grid_size: int, width: int) -> torch.Tensor:
     after the joint layer norm, and a small model trained for thousands of steps never learns to read it."""
     if width % 4:
         raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {width}")
-    rows, columns = torch.meshgrid(torch.arange(grid_size), torch.arange(grid_size), indexing="ij")
-    return torch.cat([sincos_table(rows.flatten(), width // 2), sincos_table(columns.flatten(), width // 2)], dim=1)
+    rows, columns = np.divmod(np.arange(grid_size * grid_size), grid_size)
+    return torch.cat([sincos_table(rows, width // 2), sincos_table(columns, width // 2)], dim=1)
