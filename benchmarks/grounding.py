@@ -48,7 +48,8 @@ def probe_caption(scene: dict, order=None) -> list:
 
 
 def masked_caption(tokenizer: TextTokenizer, words: list, kind: str) -> tuple:
-    """(input ids, labels) of the caption with every token of the words of ``kind`` masked (labels -100 elsewhere)."""
+    """(input ids, labels, padding mask) of the caption with every token of the words of ``kind`` masked (labels
+    -100 elsewhere)."""
     text = " ".join(word for word, _ in words)
     ids, padding_mask, _ = tokenizer.encode(text)
     encoding = tokenizer.tokenizer.encode(text, add_special_tokens=False)
@@ -91,9 +92,10 @@ def grounding(weights, world_seed: int = 0, scenes: int = 256, image_mask_ratio:
                 part = slice(start, start + batch_size)
                 hidden, _ = model.encoder(images[order[part]].to(device), inputs[part].to(device),
                                           padding[part].to(device), image_mask[part].to(device))
-                chosen = labels[part].to(device) != -100
+                targets = labels[part].to(device)
+                chosen = targets != -100
                 logits = model.text_head(hidden[:, config.num_image_tokens:][chosen])
-                correct += int((logits.argmax(-1) == labels[part].to(device)[chosen]).sum())
+                correct += int((logits.argmax(-1) == targets[chosen]).sum())
             row[name] = 100 * correct / max(row["tokens"], 1)
         results[kind] = row
     return results

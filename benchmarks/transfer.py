@@ -240,7 +240,7 @@ def finetune(args, world: dict, task: str, condition: str, seed: int, slot: int 
         started = time.perf_counter()
         run([*launcher(args.finetune_ranks, slot), REPO / "launch" / "finetune.py", "--task", task, "--pretrained",
              weights, "--out", out, "--seed", seed, "--epochs", args.finetune_epochs[task], "--batch-size",
-             args.finetune_batch, *lr, "--deepspeed_config", args.out / "configs" / f"finetune_{task}.json",
+             args.finetune_batch, *lr, "--deepspeed_config", finetune_config_path(args, task),
              "--save-interval", 10**9, "--num-workers", 1, "--log-interval", 50, *options,
              *recommended(args, world, "finetune"), *args.finetune_args.split()],
             args.out / "logs" / f"finetune_{task}_{condition}_seed{seed}.log")
@@ -250,6 +250,10 @@ def finetune(args, world: dict, task: str, condition: str, seed: int, slot: int 
             "wall_s": json.loads(wall.read_text())["wall_s"] if wall.is_file() else None}
 
 
+def finetune_config_path(args, task: str) -> Path:
+    return args.out / "configs" / f"finetune_{task}.json"
+
+
 def finetune_config(args, task: str) -> Path:
     """The task's shipped DeepSpeed config (ds_configs/finetune_TASK.json) with the benchmark's activation
     checkpointing and an expert-parallel size that divides the ranks of a run, written under --out/configs."""
@@ -257,7 +261,7 @@ def finetune_config(args, task: str) -> Path:
     eve = config.setdefault("eve", {})
     eve["activation_checkpointing"] = args.activation_checkpointing
     eve["expert_parallel_size"] = math.gcd(eve.get("expert_parallel_size", 1), args.finetune_ranks)
-    path = args.out / "configs" / f"finetune_{task}.json"
+    path = finetune_config_path(args, task)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -1,27 +1,16 @@
 """benchmarks/grounding.py: the probe masks exactly the words of one kind in a caption true of the scene, counts
 every masked token, and gives the same figures twice."""
-import importlib.util
-
 import pytest
 import torch
 
+from benchmarks import grounding as PROBE
 from eve_ds.checkpoint import save_pretrained
 from eve_ds.checkpoint.pretrained import PRETRAINING, HeldModel
 from eve_ds.config import preset
 from eve_ds.data import TextTokenizer, world
 from eve_ds.objectives import MaskedSignalModeling
-from tests.conftest import REPO
 from tools import make_world
 
-
-def load_probe():
-    spec = importlib.util.spec_from_file_location("grounding_probe", REPO / "benchmarks" / "grounding.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-PROBE = load_probe()
 SCENES = 12
 
 

@@ -1,6 +1,5 @@
 """Reconstruction grids (eve_ds/visualize.py), tools/reconstruct.py, and the grid a pre-training run with --val-data
 writes to tensorboard."""
-import importlib.util
 import io
 import json
 import random
@@ -22,7 +21,8 @@ from eve_ds.objectives import MaskedSignalModeling, MaskingConfig, normalized_pi
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.visualize import (MASK_GREY, PANELS, TEXT_WIDTH, Predictions, captured_predictions,
                               reconstruction_grid, rows_of_batch, to_uint8)
-from tests.conftest import REPO, SHAPES, launch_pretrain, read_metrics, run_tool, small_ds_config
+from tests.conftest import SHAPES, launch_pretrain, read_metrics, run_tool, small_ds_config
+from tools import reconstruct as TOOL
 
 SIZE, PATCH = 96, 16  # eve-tiny
 GRID = SIZE // PATCH
@@ -31,14 +31,6 @@ IMAGES = [SHAPES / "images" / f"{index:06d}.png" for index in range(4)]
 GUESS_LINE = re.compile(r"^  (\d+)\. (\S+) \(true: (.*)\): (.*)$")
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("reconstruct_tool", REPO / "tools" / "reconstruct.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-TOOL = load_tool()
 
 
 @pytest.fixture(scope="module")
