@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eve_ds.data import world  # noqa: E402
 from eve_ds.data.dataset import decode_image  # noqa: E402
 from eve_ds.data.tokenizer import TextTokenizer  # noqa: E402
+from eve_ds.errors import run_entry_point  # noqa: E402
 from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
 from eve_ds.objectives.masking import random_patch_mask  # noqa: E402
 
@@ -130,4 +131,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_entry_point(main, "grounding")
