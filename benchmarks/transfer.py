@@ -241,7 +241,7 @@ def finetune(args, world: dict, task: str, condition: str, seed: int, slot: int 
         run([*launcher(args.finetune_ranks, slot), REPO / "launch" / "finetune.py", "--task", task, "--pretrained",
              weights, "--out", out, "--seed", seed, "--epochs", args.finetune_epochs[task], "--batch-size",
              args.finetune_batch, *lr, "--deepspeed_config", finetune_config_path(args, task),
-             "--save-interval", 10**9, "--num-workers", 1, "--log-interval", 50, *options,
+             "--save-interval", 10**9, "--eval-interval", 10**9, "--num-workers", 1, "--log-interval", 50, *options,
              *recommended(args, world, "finetune"), *args.finetune_args.split()],
             args.out / "logs" / f"finetune_{task}_{condition}_seed{seed}.log")
         (out / "wall.json").write_text(json.dumps({"wall_s": time.perf_counter() - started}) + "\n")

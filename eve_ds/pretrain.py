@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.data_position import read_data_position, write_data_position
 from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, held_model, load_weights
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
@@ -244,7 +245,13 @@ class PretrainingJob(Job):
                 f"MFU {100 * record['mfu']:.2g}%  skipped {describe_skipped(self.position.problems)}  ")
 
     def client_state(self) -> dict:
-        return {**self.base_state, "data": self.position.saved(all_gather_objects)}
+        """Called by every rank before a save: the readers' position is gathered here, for ``write_files``."""
+        self.saved_position = self.position.saved(all_gather_objects)
+        return self.base_state
+
+    def write_files(self, folder):
+        self.tokenizer.save(folder)
+        write_data_position(folder, self.saved_position)
 
 
 def main(argv=None, stop: StopRequest = None):
@@ -289,12 +296,10 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
         config = resumed_config(config, saved, source)
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
-    # Rank 0 first: it counts shards that have no index and caches the counts, which the other ranks then read.
+    # Rank 0 opens each source (counting shards that have no index, scanning a manifest) and hands it to the others.
     sources = on_rank_zero(lambda: [open_source(spec, index_cache=args.out) for spec in args.data])
     for source, weight in zip(sources, args.data_weights):
-        logger.info("data: %s, %d samples in %d %s, weight %g", source.name, source.total, len(source.units),
-                    f"lines ({source.malformed_lines} malformed lines skipped)" if source.is_manifest else "shards",
-                    weight)
+        logger.info("data: %s, %s, weight %g", source.name, source.describe(), weight)
     stream = PretrainingStream(sources, args.data_weights,
                                MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment,
                                              args.normalize_text),
@@ -318,22 +323,26 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
                 zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
     engine, _ = initialize(model, ds_config, placement)
 
-    start_step = 0
+    start_step, saved_position = 0, None
     if resume_tag is not None:
         path, saved_state = engine.load_checkpoint(str(checkpoints.dir), tag=resume_tag.name)
-        start_step = saved_state["step"]
+        start_step, saved_position = saved_state["step"], read_data_position(resume_tag, saved_state)
         logger.info("resumed from %s at step %d", path, start_step)
     elif universal is not None:
         restore_optimizer_state(engine, universal, placement.global_name)
-        start_step, saved_state = universal.step, universal.client_state
+        start_step, saved_position = universal.step, universal.client_state.get("data")
         logger.info("resumed from universal checkpoint %s at step %d", args.resume_from, start_step)
         del universal  # unmaps its files, whose pages would count in this rank's resident memory for the whole run
-    if start_step and "data" in saved_state:
-        position.restore(saved_state["data"])
-        if saved_state["data"]["layout"] != stream.describe():
+    if start_step and saved_position is not None:
+        position.restore(saved_position)
+        if saved_position["layout"]["sources"] != stream.describe()["sources"]:
+            logger.warning("the checkpoint's data position is for other data sources (%s, now %s): the epochs under "
+                           "way go on by position over the data as it is now, so some of their samples may repeat "
+                           "or be skipped", saved_position["layout"]["sources"], stream.describe()["sources"])
+        elif saved_position["layout"] != stream.describe():
             logger.warning("the checkpoint's data position is for another layout of readers (%s, now %s): each "
                            "unfinished slice of the old readers is finished by a new one, then the new layout "
-                           "takes over; no sample is repeated or skipped", saved_state["data"]["layout"],
+                           "takes over; no sample is repeated or skipped", saved_position["layout"],
                            stream.describe())
     elif start_step:
         logger.warning("the checkpoint has no data position (written before eve-ds saved one): the data "
@@ -343,7 +352,7 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     client_state = {"model_config": config.to_dict(), "task": PRETRAINING, "masking": masking.__dict__,
                     "seed": args.seed}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
-    job.write_files = tokenizer.save
+    job.tokenizer = tokenizer
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,
                                                worker_init_fn=ignore_stop_signals, pin_memory=on_gpu()))
     loop = Loop(engine, job, batches, checkpoints, RunLog(args.out, is_main, start_step), args.steps, accumulation,

@@ -2,6 +2,7 @@
 the tokenizer: test_tokenizer.py)."""
 import io
 import json
+import pickle
 import random
 from pathlib import Path
 
@@ -12,7 +13,9 @@ from PIL import Image
 
 from eve_ds.data.dataset import (CAPTION_WORDS, UNREADABLE_IMAGE_ERRORS, MaskedSamples, load_image,
                                   random_resized_crop_box)
-from eve_ds.data.manifest import ImageTextRecord, ManifestError, read_manifest
+from eve_ds.data import manifest as manifest_module
+from eve_ds.data.manifest import ImageTextRecord, ManifestError, line_offsets, open_manifest, read_manifest
+from eve_ds.data.sources import LineOrder, open_source
 from eve_ds.data.text import EmptyText, pre_caption
 from eve_ds.data.tokenizer import TextTokenizer
 from eve_ds.objectives.masking import IGNORE_INDEX, MaskingConfig
@@ -99,6 +102,97 @@ def test_shipped_manifest_reads_fully():
     assert (len(records), skipped) == (512, 0)
     assert records[0].image_path == SHAPES / "images" / "000000.png"
     assert all(record.image_path.is_file() for record in records[:8])
+
+
+def test_line_offsets_find_every_non_blank_line_across_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_module, "_SCAN_CHUNK", 5)  # lines and "\r\n" pairs cut by chunk ends
+    path = tmp_path / "lines.jsonl"
+    texts = [b"first", b"", b"\r", b"a much longer line", b"x", b"  ", b"", b"\r", b"last, without a newline"]
+    path.write_bytes(b"\n".join(texts))
+    starts = [sum(len(text) + 1 for text in texts[:i]) for i in range(len(texts))]
+    wanted = [start for start, text in zip(starts, texts) if text not in (b"", b"\r")]
+    assert line_offsets(path).tolist() == wanted
+    path.write_bytes(b"\n".join(texts[:-1]) + b"\n")
+    assert line_offsets(path).tolist() == wanted[:-1]
+    path.write_bytes(b"")
+    assert line_offsets(path).tolist() == []
+
+
+def write_lines(path, count: int, first: int = 0):
+    path.write_text("".join(json.dumps({"image": f"images/{n:06d}.png", "caption": f"caption {n}"}) + "\n"
+                            for n in range(first, first + count)))
+    return path
+
+
+def test_a_manifests_offsets_are_kept_beside_it_and_scanned_again_when_it_changes(tmp_path, monkeypatch):
+    manifest = write_lines(tmp_path / "m.jsonl", 50)
+    lines = open_manifest(manifest)
+    assert len(lines) == 50 and lines.record(49).caption == "caption 49"
+    assert lines.offsets_file == tmp_path / "m.jsonl.offsets" and lines.offsets_file.stat().st_size == 64 + 8 * 50
+    scans = []
+    scan = manifest_module.line_offsets
+    monkeypatch.setattr(manifest_module, "line_offsets", lambda path: scans.append(path) or scan(path))
+    assert open_manifest(manifest).record(7).caption == "caption 7" and scans == []  # mapped, not scanned
+    write_lines(manifest, 60, first=100)
+    assert open_manifest(manifest).record(59).caption == "caption 159" and scans == [manifest]
+    # A process that unpickles the lines (a loader worker, a rank given them) maps the file: no offsets travel.
+    again = pickle.loads(pickle.dumps(open_manifest(manifest)))
+    assert len(pickle.dumps(open_manifest(manifest))) < 400 and again.record(3).caption == "caption 103"
+
+
+def test_a_read_only_manifest_folder_keeps_its_offsets_in_the_run_folder(tmp_path, monkeypatch):
+    manifest = write_lines(tmp_path / "m.jsonl", 20)
+    beside = manifest.with_name("m.jsonl.offsets")
+    write = manifest_module._write_offsets
+    monkeypatch.setattr(manifest_module, "_write_offsets",
+                        lambda place, offsets, stat: place != beside and write(place, offsets, stat))
+    lines = open_manifest(manifest, cache=tmp_path / "run")
+    assert lines.offsets_file.parent == tmp_path / "run" and not beside.exists()
+    assert open_manifest(manifest, cache=tmp_path / "run").offsets_file == lines.offsets_file
+    assert open_manifest(manifest).offsets_file is None and len(open_manifest(manifest)) == 20  # in memory
+
+
+def test_a_manifest_whose_first_lines_are_all_malformed_is_refused_in_one_sentence(tmp_path, monkeypatch):
+    monkeypatch.setattr(manifest_module, "FIRST_LINES_CHECKED", 3)
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text("not json\n\n[1, 2]\n{}\n" + json.dumps({"image": "a.png", "caption": "fine"}) + "\n")
+    with pytest.raises(ManifestError, match=r"bad.jsonl has no valid image-caption line in its first 3 lines$"):
+        open_manifest(manifest)
+    manifest.write_text("not json\n")
+    with pytest.raises(ManifestError, match=r"has no valid image-caption line \(1 malformed\)$"):
+        open_manifest(manifest)
+    manifest.write_text("\n\n")
+    with pytest.raises(ManifestError, match="has no valid image-caption line"):
+        open_manifest(manifest)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 17, 1000, 4097])
+def test_a_line_order_is_a_bijection_drawn_from_its_key(size):
+    order = LineOrder(size, "5:lines:0:3")
+    values = order[np.arange(size)]
+    assert sorted(values.tolist()) == list(range(size))
+    assert order[np.arange(size)].tolist() == values.tolist()  # a function of the key alone
+    assert [int(order[[position]][0]) for position in range(min(size, 40))] == values[:40].tolist()
+    if size >= 17:
+        assert values.tolist() != LineOrder(size, "5:lines:0:4")[np.arange(size)].tolist()
+        assert values.tolist() != list(range(size))
+    assert LineOrder(size, None)[np.arange(size)].tolist() == list(range(size))
+
+
+def test_an_epoch_of_a_manifest_reads_each_line_once_and_counts_malformed_lines(tmp_path):
+    lines = (SHAPES / "manifest.jsonl").read_text().splitlines()[:30]
+    lines = [line.replace('"images/', f'"{SHAPES}/images/') for line in lines]
+    lines[4], lines[11] = "not json", json.dumps({"image": "missing.png", "caption": "gone"})
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines[:20]) + "\n   \n" + "\n".join(lines[20:]) + "\n")
+    source = open_source(manifest)
+    assert source.total == 31 and source.describe() == "31 lines"
+    read = list(source.read(source.epoch_order(0, 2, seed=9), 0, 31))
+    assert read.count("malformed line") == 1 and read.count("missing image") == 1 and read.count(None) == 1
+    keys = [sample[0] for sample in read if isinstance(sample, tuple)]
+    assert len(keys) == len(set(keys)) == 28 and keys != sorted(keys)
+    assert [sample[0] for sample in source.read(source.unit_order(), 0, 3)] == [
+        str(SHAPES / json.loads(line)["image"]) for line in lines[:3]]
 
 
 # ---------------------------------------------------------------- images and masked samples

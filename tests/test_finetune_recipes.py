@@ -50,6 +50,8 @@ def test_tiny_recipes_fit_the_tiny_model():
         assert tiny.image_size == preset("eve-tiny").image_size and tiny.global_batch_size <= 8 and tiny.epochs <= 3
         assert tiny.lr > recipe(task, "eve-base").lr
     assert recipe("retrieval-coco", "eve-tiny").k_test < 128 and recipe("vqa", "eve-tiny").k_test is None
+    # The bi-attention head at the authors' own head lr, not x15 on eve-tiny's 14x larger lr (where it died).
+    assert recipe("nlvr2", "eve-tiny").lr * recipe("nlvr2", "eve-tiny").lr_multiplier < 1e-3
 
 
 @pytest.mark.parametrize("task, model, message", [

@@ -10,7 +10,7 @@ from eve_ds.config import PRESETS, ConfigError, preset
 from eve_ds.data import TextTokenizer
 from eve_ds.errors import UsageError
 from eve_ds.finetune.tasks import TASKS, load_task, sharded_map
-from eve_ds.finetune.train import (epoch_batches, fine_tuning_deepspeed_config, open_tokenizer, paper_layout,
+from eve_ds.finetune.train import (FinetuningJob, epoch_batches, fine_tuning_deepspeed_config, open_tokenizer, paper_layout,
                                    parse_args, preset_name, trained_head_options)
 from tests.conftest import REPO, SHAPES, run_tool
 from tests.test_consolidate import write_stage0_checkpoint
@@ -98,6 +98,7 @@ def test_fine_tuning_takes_the_tokenizer_and_its_roles_from_the_consolidated_wei
 @pytest.mark.parametrize("option, value, wanted", [
     ("--epochs", "0", "an integer above 0"), ("--lr", "0", "a number above 0"),
     ("--batch-size", "0", "an integer above 0"), ("--lr-multiplier", "0", "a number above 0"), ("--save-interval", "0", "an integer above 0"),
+    ("--eval-interval", "0", "an integer above 0"),
     ("--log-interval", "0", "an integer above 0"), ("--keep-checkpoints", "-1", "an integer of at least 0"),
     ("--eval-batch-size", "0", "an integer above 0"), ("--k-test", "0", "an integer above 0"),
     ("--image-size", "0", "an integer above 0"), ("--num-workers", "-1", "an integer of at least 0"),
@@ -106,6 +107,17 @@ def test_fine_tuning_takes_the_tokenizer_and_its_roles_from_the_consolidated_wei
 def test_options_that_cannot_work_are_refused_in_one_sentence(option, value, wanted):
     with pytest.raises(UsageError, match=rf"^argument {option}: wants {wanted}, got '{value}'$"):
         parse_args(["--task", "vqa", "--pretrained", "unused", option, value])
+
+
+@pytest.mark.parametrize("interval, evaluated", [(None, [4, 8, 10]), ("3", [3, 6, 9, 10]), ("1000", [10])])
+def test_evaluation_comes_every_epoch_or_every_eval_interval_steps_and_always_at_the_end(interval, evaluated):
+    args = parse_args(["--task", "vqa", "--pretrained", "unused", *(["--eval-interval", interval] if interval else [])])
+    args.steps = 10
+    job = FinetuningJob(None, None, args, steps_per_epoch=4, client_state={}, k_test=None)
+    job.evaluate = lambda step: {"accuracy": float(step)}
+    records = {step: job.step_record(step, {}, 0.1) for step in range(1, 11)}
+    assert [step for step, record in records.items() if "val_accuracy" in record] == evaluated
+    assert all(record == {"epoch": step / 4} for step, record in records.items() if step not in evaluated)
 
 
 def test_zero_is_a_value_where_it_means_something():

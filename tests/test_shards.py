@@ -3,10 +3,16 @@ them (at start-up, or by tools/index_shards.py), and the tokenizer trained over 
 import io
 import json
 import logging
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer
@@ -14,7 +20,7 @@ from tokenizers import Tokenizer
 from eve_ds.data import DataError, ManifestError, open_source
 from eve_ds.data import shards as shards_module
 from eve_ds.data.shards import captions_of, expand_pattern, image_of, iter_shard, read_index, write_index
-from tests.conftest import SHAPES, run_tool
+from tests.conftest import REPO, SHAPES, run_tool
 
 
 def test_shard_patterns_expand_like_the_shells_braces(tmp_path):
@@ -27,6 +33,19 @@ def test_shard_patterns_expand_like_the_shells_braces(tmp_path):
     assert expand_pattern(tmp_path) == [tmp_path / name for name in ("a.tar", "b.tar", "c.tar.gz", "d.tgz")]
     with pytest.raises(ValueError, match="runs backwards"):
         expand_pattern("x/{9..1}.tar")
+    for name in ("coco", "vg"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "00000.tar").touch()
+    assert expand_pattern(f"{tmp_path}/{{coco,vg}}") == [tmp_path / "coco/00000.tar", tmp_path / "vg/00000.tar"]
+
+
+def test_a_pattern_of_shard_names_expands_without_one_look_at_the_filesystem(monkeypatch):
+    looked = []
+    monkeypatch.setattr(os.path, "isdir", lambda path: looked.append(path) or False)
+    monkeypatch.setattr(Path, "is_dir", lambda path: looked.append(path) or False)
+    assert len(expand_pattern("/laion/{000000..229999}.tar")) == 230_000 and looked == []
+    assert expand_pattern("/laion/part-{0..1}") == [Path("/laion/part-0"), Path("/laion/part-1")]
+    assert looked == ["/laion/part-0", "/laion/part-1"]  # names without a suffix may be folders
 
 
 @pytest.fixture
@@ -65,6 +84,33 @@ def test_shards_hold_the_manifest_and_an_interrupted_run_resumes(manifest, tmp_p
     result = run_tool("make_shards.py", manifest, out, "--shard-size", 16, "--workers", 2)
     assert result.returncode == 0 and "(1 written now, 2 complete from before)" in result.stdout
     assert (out / "00001.tar").read_bytes() == before and not (out / ".00001.tar.partial").exists()
+
+
+def test_the_shard_writer_resumes_after_a_kill_with_the_shards_of_an_uninterrupted_run(manifest, tmp_path):
+    """Killed part-way (SIGKILL, its workers too), with its journal's last line cut short: the same command finishes
+    the set, which is byte for byte the set of a run that was never stopped."""
+    lines = manifest.read_text().splitlines()
+    big = tmp_path / "big.jsonl"
+    big.write_text("\n".join(lines * 40) + "\n")  # 1,680 well-formed lines (a shard each), 1,640 readable images
+    whole = tmp_path / "whole"
+    assert run_tool("make_shards.py", big, whole, "--shard-size", 1, "--workers", 1).returncode == 0
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, str(REPO / "tools" / "make_shards.py"), big, out, "--shard-size", "1",
+                                "--workers", "1"], start_new_session=True)
+    journal = out / ".index.journal"
+    while process.poll() is None and (not journal.is_file() or journal.read_text().count("\n") < 100):
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    done = journal.read_text().count("\n")
+    assert 100 <= done < 1680 and not (out / "index.json").exists()
+    with journal.open("a") as file:
+        file.write('{"shard": "01500.t')  # the kill came in the middle of a line
+    result = run_tool("make_shards.py", big, out, "--shard-size", 1, "--workers", 2)
+    assert result.returncode == 0, result.stderr
+    assert f"1680 shards, 1640 samples ({1680 - done} written now, {done} complete from before)" in result.stdout
+    assert read_index(out) == read_index(whole) and not journal.exists()
+    assert all((out / name).read_bytes() == (whole / name).read_bytes() for name in read_index(whole))
 
 
 def shard_bytes(samples: dict) -> bytes:
@@ -225,7 +271,7 @@ def test_gzipped_shards_are_found_counted_and_read(tmp_path):
     folder = tmp_path / "gz"
     shards = foreign_shards(folder, [3, 2], ".tar.gz", "w:gz") + foreign_shards(folder / "tgz", [4], ".tgz", "w:gz")
     source = open_source(folder)
-    assert [path.name for path in source.units] == ["00000.tar.gz", "00001.tar.gz"] and source.counts == (3, 2)
+    assert [Path(path).name for path in source.units] == ["00000.tar.gz", "00001.tar.gz"] and source.counts == (3, 2)
     assert open_source(f"{folder}/{{00000,00001}}.tar.gz").counts == (3, 2)
     assert open_source(folder / "tgz").counts == (4, )
     assert read_index(folder) == {"00000.tar.gz": 3, "00001.tar.gz": 2}

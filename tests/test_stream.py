@@ -7,6 +7,7 @@ import signal
 import tarfile
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,17 @@ def shard_set(tmp_path_factory):
     return write_shards(tmp_path_factory.mktemp("shards"), shipped_pairs(100), [30, 7, 41, 22])
 
 
+@pytest.fixture(scope="module", params=["shards", "manifest"])
+def hundred(request, shard_set, tmp_path_factory):
+    """The same 100 samples as shards or as the lines of a manifest."""
+    if request.param == "shards":
+        return shard_set
+    manifest = tmp_path_factory.mktemp("manifest") / "hundred.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(image), "caption": caption}) + "\n"
+                                for image, caption in shipped_pairs(100)))
+    return manifest
+
+
 def loaders(sources, samples, world_size, workers, weights=None, saved=None):
     """One DataLoader per rank, each with its StreamPosition (restored from ``saved`` where given)."""
     ranks = []
@@ -83,8 +95,8 @@ def save(ranks) -> dict:
     return ranks[0][1].saved(lambda _: [position.states for _, position in ranks])
 
 
-def test_two_ranks_with_two_workers_read_disjoint_complete_slices(shard_set, samples):
-    source = open_source(shard_set)
+def test_two_ranks_with_two_workers_read_disjoint_complete_slices(hundred, samples):
+    source = open_source(hundred)
     taken = take(loaders([source], samples, 2, 2), 100 // 4 // MICRO_BATCH * 2)  # one epoch of each reader
     keys = [key for rank in taken for key, *_ in rank]
     assert len(keys) == len(set(keys)) == 96  # 4 readers x 25 positions, rounded down to whole micro-batches
@@ -93,8 +105,8 @@ def test_two_ranks_with_two_workers_read_disjoint_complete_slices(shard_set, sam
     assert len({key for rank in more for key, *_ in rank if key.split(":")[1] == "0"}) == 100
 
 
-def test_resume_at_the_same_world_size_sees_exactly_the_uninterrupted_samples(shard_set, samples):
-    source = open_source(shard_set)
+def test_resume_at_the_same_world_size_sees_exactly_the_uninterrupted_samples(hundred, samples):
+    source = open_source(hundred)
     uninterrupted = take(loaders([source], samples, 2, 2), 19)
     first = loaders([source], samples, 2, 2)
     before = take(first, 7)  # odd: the resumed loaders start with worker 1's reader
@@ -104,8 +116,8 @@ def test_resume_at_the_same_world_size_sees_exactly_the_uninterrupted_samples(sh
 
 
 @pytest.mark.parametrize("world_size, workers", [(1, 3), (3, 2)])
-def test_resume_at_another_number_of_readers_neither_repeats_nor_skips(shard_set, samples, world_size, workers):
-    source = open_source(shard_set)
+def test_resume_at_another_number_of_readers_neither_repeats_nor_skips(hundred, samples, world_size, workers):
+    source = open_source(hundred)
     first = loaders([source], samples, 2, 2)
     before = take(first, 5)
     after = take(loaders([source], samples, world_size, workers, saved=save(first)), 40)
@@ -242,7 +254,7 @@ def test_a_loader_without_a_readable_sample_stops_with_one_sentence(tmp_path, sa
     batches = iter(stream)
     assert len(next(batches)["keys"]) == MICRO_BATCH
     for shard in good.units:
-        shard.unlink()  # deleted during the run: the rest of the epochs' blocks in memory are still read
+        Path(shard).unlink()  # deleted during the run: the rest of the epochs' blocks in memory are still read
     taken = 0
     with within(60), pytest.raises(NoReadableData, match=r"\(32 positions: unreadable shard 32\)"):
         while True:

@@ -26,6 +26,7 @@ from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
+from eve_ds.checkpoint.data_position import read_data_position
 from eve_ds.checkpoint.manifest import LATEST, is_complete, predates_manifests, summary, verify_share
 from eve_ds.checkpoint.pretrained import CheckpointError, HeldModel, state_dict_mismatch
 from eve_ds.config import EVEConfig
@@ -284,8 +285,11 @@ def consolidate(checkpoint_dir, tag=None, optimizer_state: bool = False) -> Cons
                      "(--tokenizer)")
     if any(tensor.dtype == torch.bfloat16 for tensor in state_dict.values()):
         notes.append("ZeRO stage 0 keeps no fp32 master weights: these are the module's bfloat16 weights")
-    # data: every reader's position
-    client_keys = ("model_config", "task", "head_options", "masking", "seed", "step", "data")
+    client_keys = ("model_config", "task", "head_options", "masking", "seed", "step")
+    client_state = {key: states[key] for key in client_keys if key in states}
+    data_position = read_data_position(tag_dir, states)  # every reader's position
+    if data_position is not None:
+        client_state["data"] = data_position
     return ConsolidatedCheckpoint(state_dict, config, stage, states.get("step", states.get("global_steps", 0)),
-                                  tag_dir, {key: states[key] for key in client_keys if key in states},
+                                  tag_dir, client_state,
                                   moments, steps, states.get("lr_scheduler"), notes, tokenizer, held)

@@ -1,9 +1,10 @@
 """The pre-training data stream: every (rank, loader worker) pair reads its own slice of each source, shuffles
 it in blocks, mixes the sources by weight and yields full micro-batches, endlessly; its position goes into
-every checkpoint so that a resumed run sees exactly the samples an uninterrupted one would.
+every checkpoint so that a resumed run sees exactly the samples an uninterrupted one would (one file per checkpoint:
+``eve_ds/checkpoint/data_position.py``).
 
 Readers. With R data-parallel ranks and W workers per rank there are R x W readers; worker w of rank r is
-reader r x W + w. In epoch e of a source of N samples (numbered as ``sources.epoch_order`` says: units
+reader r x W + w. In epoch e of a source of N samples (numbered as its ``epoch_order`` says: units
 shuffled by (seed, source, e)), reader g reads positions [g L, (g + 1) L) with L = N // (R x W): disjoint,
 complete but for fewer than R x W samples, equal in length whatever the shard sizes. A reader shuffles its
 slice in blocks of ``block`` consecutive positions, by (seed, source, epoch, slice, block).
@@ -35,12 +36,12 @@ from PIL import Image
 
 from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, MaskedSamples
 from eve_ds.data.shards import captions_of, image_of
-from eve_ds.data.sources import DataError, NoReadableData, Source, epoch_order, read_positions
+from eve_ds.data.sources import DataError, NoReadableData
 from eve_ds.data.text import EmptyText
 from eve_ds.objectives.masking import IGNORE_INDEX
 
 REASONS = ("unreadable image", "image too large", "missing image", "missing caption", "empty caption",
-           "non-UTF-8 caption", "truncated shard", "unreadable shard")
+           "non-UTF-8 caption", "truncated shard", "unreadable shard", "malformed line")
 TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 
 
@@ -49,7 +50,7 @@ def fresh_state(num_sources: int, reader: int, readers: int) -> dict:
                                     for _ in range(num_sources)]}
 
 
-def source_samples(source: Source, index: int, state: dict, reader: int, readers: int, seed: int, block: int):
+def source_samples(source, index: int, state: dict, reader: int, readers: int, seed: int, block: int):
     """(epoch, position, raw sample or the reason it was lost) of one source for one reader, endlessly; ``state``
     (the source's part of the reader state) is kept current after each."""
     while True:
@@ -64,8 +65,7 @@ def source_samples(source: Source, index: int, state: dict, reader: int, readers
                             f"(data-parallel ranks x loader workers)")
         start = slice_reader * length
         first_block = resume_at // block
-        raw = read_positions(source, epoch_order(source, index, epoch, seed), start + first_block * block,
-                             start + length)
+        raw = source.read(source.epoch_order(index, epoch, seed), start + first_block * block, start + length)
         for number in range(first_block, math.ceil(length / block)):
             offset = number * block
             items = [(start + offset + i, next(raw)) for i in range(min(block, length - offset))]
@@ -239,12 +239,12 @@ class StreamPosition:
         return dict(zip(REASONS, batch.pop("problems").tolist()))
 
     def saved(self, gather) -> dict:
-        """The position of every rank (``gather`` collects one object from each rank), for client_state."""
+        """The position of every rank (``gather`` collects one object from each rank), for ``write_data_position``."""
         return {"layout": self.stream.describe(), "batches": self.batches, "states": gather(self.states),
                 "problems": dict(self.problems)}
 
 
-def validation_batches(source: Source, samples: MaskedSamples, rank: int, world_size: int, micro_batch: int,
+def validation_batches(source, samples: MaskedSamples, rank: int, world_size: int, micro_batch: int,
                        seed: int, problems: Counter):
     """The validation set in micro-batches, the same samples with the same masks every time and on any world size:
     positions in unit order, rank r taking the r-th of ``world_size`` equal parts, each sample seeded by (seed,
@@ -252,8 +252,7 @@ def validation_batches(source: Source, samples: MaskedSamples, rank: int, world_
     by unreadable ones hold a padding sample with nothing masked, which adds nothing to the losses."""
     share = math.ceil(source.total / world_size)
     start, stop = min(rank * share, source.total), min((rank + 1) * share, source.total)
-    order = list(range(len(source.units)))
-    raw = read_positions(source, order, start, stop)
+    raw = source.read(source.unit_order(), start, stop)
     batch = []
     for position in range(start, start + math.ceil(share / micro_batch) * micro_batch):
         item = next(raw, None) if position < stop else None

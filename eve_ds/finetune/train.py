@@ -93,6 +93,8 @@ def parse_args(argv=None, evaluating: bool = False):
     parser.add_argument("--eval-batch-size", type=POSITIVE_INT, default=16, help="per rank")
     parser.add_argument("--eval-before", action="store_true",
                         help="evaluate once before training too (step 0 in metrics.jsonl)")
+    parser.add_argument("--eval-interval", type=POSITIVE_INT, default=None,
+                        help="steps between evaluations (default: once per epoch); the last step always evaluates")
     parser.add_argument("--save-interval", type=POSITIVE_INT, default=None, help="default: once per epoch")
     parser.add_argument("--keep-checkpoints", type=NON_NEGATIVE_INT, default=1, help="0 keeps all")
     parser.add_argument("--log-interval", type=POSITIVE_INT, default=10)
@@ -166,7 +168,7 @@ class EpochItems(torch.utils.data.Dataset):
 
 
 class FinetuningJob(Job):
-    """A task's loss, and its evaluation after every epoch and at the end."""
+    """A task's loss, and its evaluation every ``--eval-interval`` steps (default: every epoch) and at the end."""
 
     def __init__(self, task, engine, args, steps_per_epoch: int, client_state: dict, k_test: int):
         self.task, self.engine, self.args = task, engine, args
@@ -178,7 +180,7 @@ class FinetuningJob(Job):
         return model_inputs(batch), {"samples": batch["text_ids"].shape[0]}
 
     def step_record(self, step: int, counts: dict, step_time: float) -> dict:
-        if step % self.steps_per_epoch and step != self.args.steps:
+        if step % given(self.args.eval_interval, self.steps_per_epoch) and step != self.args.steps:
             return {"epoch": step / self.steps_per_epoch}
         return {"epoch": step / self.steps_per_epoch,
                 **{f"val_{key}": value for key, value in self.evaluate(step).items()}}
