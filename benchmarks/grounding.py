@@ -27,7 +27,7 @@ from eve_ds.data import world  # noqa: E402
 from eve_ds.data.dataset import decode_image  # noqa: E402
 from eve_ds.data.tokenizer import TextTokenizer  # noqa: E402
 from eve_ds.errors import run_entry_point  # noqa: E402
-from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
+from eve_ds.objectives import PretrainingModel  # noqa: E402
 from eve_ds.objectives.masking import random_patch_mask  # noqa: E402
 
 KINDS = ("size", "colour", "shape", "position", "background")
@@ -72,7 +72,8 @@ def grounding(weights, world_seed: int = 0, scenes: int = 256, image_mask_ratio:
               device: str = "cpu") -> dict:
     """{kind: {"own": top-1 %, "other": top-1 %, "tokens": n}} of a consolidated pre-training folder; with
     ``image_mask_ratio``, that share of each image's patches is masked at random (the same patches in both columns)."""
-    model = MaskedSignalModeling.from_pretrained(weights).eval().to(device)
+    model = PretrainingModel.from_pretrained(weights).eval().to(device)
+    model.check_reconstructs(weights)
     config = model.config
     tokenizer = TextTokenizer.from_folder(weights, config.max_text_len)
     rngs = [world.item_rng(world_seed, PROBE_SET, index) for index in range(scenes)]

@@ -34,7 +34,7 @@ from eve_ds.engine import (all_gather_objects, build_model, init_distributed, in
                            load_deepspeed_config, zero_stage)
 from eve_ds.finetune.vqa import VQAModel  # noqa: E402
 from eve_ds.model import ExpertPlacement  # noqa: E402
-from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
+from eve_ds.objectives import PretrainingModel  # noqa: E402
 from eve_ds.params import parameter_counts  # noqa: E402
 from eve_ds.trainer import peak_memory_mb  # noqa: E402
 
@@ -129,7 +129,7 @@ def main():
         model = VQAModel.from_pretrained(args.finetune_from, placement=placement,
                                          ds_config=None if args.whole_model_build else ds_config)
     else:
-        build = lambda: MaskedSignalModeling(config, placement)  # noqa: E731
+        build = lambda: PretrainingModel(config, placement)  # noqa: E731
         model = build() if args.whole_model_build else build_model(build, ds_config)
     if args.resume_from:
         universal = load_universal(args.resume_from)

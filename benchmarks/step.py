@@ -38,7 +38,7 @@ from eve_ds.engine import build_model, init_distributed, initialize, load_deepsp
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops  # noqa: E402
 from eve_ds.model.eve import Attention, MultiwayFFN  # noqa: E402
 from eve_ds.model.moe import ExpertPlacement, ModalityAwareGate, ModalityAwareMoE  # noqa: E402
-from eve_ds.objectives import MaskedSignalModeling, MaskingConfig  # noqa: E402
+from eve_ds.objectives import PretrainingModel, MaskingConfig  # noqa: E402
 from eve_ds.objectives.masking import IGNORE_INDEX  # noqa: E402
 from eve_ds.pretrain import default_tokenizer  # noqa: E402
 from eve_ds.trainer import to_device  # noqa: E402
@@ -211,7 +211,7 @@ def main():
     args.micro_batch = ds_config["train_micro_batch_size_per_gpu"]
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, parallelism.expert_parallel_size)
     torch.manual_seed(0)
-    model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
+    model = build_model(lambda: PretrainingModel(config, placement), ds_config)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     engine, _ = initialize(model, ds_config, placement)
     device = engine.device

@@ -211,14 +211,14 @@ def scratch_weights(args, seed: int) -> Path:
 
     from eve_ds.checkpoint.pretrained import pretrained_config, save_pretrained
     from eve_ds.data.tokenizer import TextTokenizer
-    from eve_ds.objectives import MaskedSignalModeling
+    from eve_ds.objectives import PretrainingModel
 
     out = args.out / "weights" / f"{SCRATCH}-seed{seed}"
     if not (out / "config.json").is_file():
         trained = args.out / "weights" / f"step_{step_tags(args)[-1]}"
         config = pretrained_config(trained)
         torch.manual_seed(seed)
-        save_pretrained(out, MaskedSignalModeling(config).state_dict(), config,
+        save_pretrained(out, PretrainingModel(config).state_dict(), config,
                         tokenizer=TextTokenizer.from_folder(trained, config.max_text_len))
     return out
 

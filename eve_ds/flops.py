@@ -43,9 +43,21 @@ def training_flops(config: EVEConfig, image_tokens: int, text_tokens: int, maske
     return 3.0 * forward_flops(config, image_tokens, text_tokens, masked_patches, masked_text)
 
 
-def batch_training_flops(config: EVEConfig, batch: dict) -> float:
-    """Activated FLOPs of forward and backward for a pre-training micro-batch (its masks count what the heads
-    see)."""
+def batch_training_flops(config: EVEConfig, batch: dict, objectives=("msm", )) -> float:
+    """Activated FLOPs of forward and backward for a pre-training micro-batch under ``objectives`` (its masks count
+    what the heads see): msm and mlm a joint pass each, itc an image-only and a text-only pass, itm three joint
+    passes."""
     size, text_len = batch["text_ids"].shape
-    return size * training_flops(config, config.num_image_tokens, text_len, float(batch["image_mask"].sum()) / size,
-                                 float((batch["text_labels"] != IGNORE_INDEX).sum()) / size)
+    image_tokens = config.num_image_tokens
+    flops = 0.0
+    if "msm" in objectives:
+        flops += training_flops(config, image_tokens, text_len, float(batch["image_mask"].sum()) / size,
+                                float((batch["text_labels"] != IGNORE_INDEX).sum()) / size)
+    if "mlm" in objectives:
+        flops += training_flops(config, image_tokens, text_len, 0.0,
+                                float((batch["mlm_text_labels"] != IGNORE_INDEX).sum()) / size)
+    if "itc" in objectives:
+        flops += training_flops(config, image_tokens, 0) + training_flops(config, 0, text_len)
+    if "itm" in objectives:
+        flops += 3 * training_flops(config, image_tokens, text_len)
+    return size * flops

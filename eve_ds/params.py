@@ -10,8 +10,9 @@ class ParameterCounts:
     activated: int
 
 
-def parameter_counts(config: EVEConfig, with_heads: bool = True) -> ParameterCounts:
-    """Counted from the architecture, independent of how experts are sharded over ranks.
+def parameter_counts(config: EVEConfig, with_heads: bool = True, objectives=("msm", )) -> ParameterCounts:
+    """Counted from the architecture, independent of how experts are sharded over ranks; with the heads of the
+    pre-training ``objectives`` (``objectives.PretrainingModel``) unless not ``with_heads``.
 
     A token activates the shared weights, one of the two multiway FFNs (and its norm) of an ordinary
     layer, and ``top_k`` experts of an MoE layer (plus its norm and the router).
@@ -28,7 +29,9 @@ def parameter_counts(config: EVEConfig, with_heads: bool = True) -> ParameterCou
                   + width + config.num_image_tokens * width + width  # image CLS, positions, mask embedding
                   + config.vocab_size * width + layer_norm + config.max_text_len * width  # tokens, norm, positions
                   + 2 * width + layer_norm)  # modality types, norm of the joint sequence
-    heads = linear(width, config.patch_size**2 * config.in_channels) + linear(width, config.vocab_size)
+    heads = (linear(width, config.patch_size**2 * config.in_channels) * ("msm" in objectives)
+             + linear(width, config.vocab_size) * ("msm" in objectives or "mlm" in objectives)
+             + (2 * width * width + 1) * ("itc" in objectives) + linear(width, 2) * ("itm" in objectives))
     common = embeddings + layer_norm + config.num_layers * shared_per_layer + (heads if with_heads else 0)
 
     num_moe = len(config.moe_layers)

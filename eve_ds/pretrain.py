@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eve_ds.checkpoint.consolidate import saved_model_config
+from eve_ds.checkpoint.consolidate import saved_model_config, saved_states
 from eve_ds.checkpoint.data_position import read_data_position, write_data_position
-from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, held_model, load_weights
+from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, HeldModel, held_model, load_weights
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
@@ -31,7 +31,9 @@ from eve_ds.engine import all_gather_objects, build_model, initialize, load_deep
 from eve_ds.errors import ArgumentParser
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
-from eve_ds.objectives import MaskedSignalModeling, MaskingConfig
+from eve_ds.objectives import (DEFAULT_OBJECTIVES, MaskingConfig, PretrainingModel, describe_objectives, loss_names,
+                               parse_objectives)
+from eve_ds.objectives.pretraining import MLM_MASK_RATIO
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
 from eve_ds.trainer import (Job, Loop, RunLog, all_reduce, distributed_env, on_rank_zero, run_folder_held,
@@ -41,11 +43,9 @@ from eve_ds.visualize import captured_predictions, readable_scale, reconstructio
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data/shapes/shards/{00000..00003}.tar"
-LOSS_NAMES = ("loss", "image_loss", "text_loss", "aux_loss")
-
-
 def parse_args(argv=None):
-    parser = ArgumentParser(description="Pre-train EVE by masked signal modeling with DeepSpeed.")
+    parser = ArgumentParser(description="Pre-train EVE (by masked signal modeling, or other --objectives) with "
+                                        "DeepSpeed.")
     parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
     parser.add_argument("--data", nargs="+", default=[str(DEFAULT_DATA)], metavar="SOURCE",
                         help="tar shards (a brace pattern such as 'cc3m/{00000..00331}.tar', a folder or a file, "
@@ -100,6 +100,10 @@ def parse_args(argv=None):
                         help="a device's peak TFLOP/s, for the logged MFU (default: H100, dense bf16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-workers", type=int, default=2, help="data loader processes per rank")
+    parser.add_argument("--objectives", default="msm", metavar="NAME[=WEIGHT],...",
+                        help="the pre-training losses and their weights: msm (masked signal modeling, EVE's), itc "
+                             "(image-text contrastive), itm (image-text matching with hard negatives; needs itc), mlm "
+                             "(masked language modeling at 15%%); VLMo's recipe is itc,itm,mlm")
     parser.add_argument("--image-mask-ratio", type=float, default=MaskingConfig.image_mask_ratio)
     parser.add_argument("--text-mask-ratio", type=float, default=MaskingConfig.text_mask_ratio)
     parser.add_argument("--image-masking", choices=("random", "block"), default=MaskingConfig.image_masking)
@@ -119,6 +123,7 @@ def parse_args(argv=None):
     for name in ("image_mask_ratio", "text_mask_ratio"):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must lie between 0 and 1, got {getattr(args, name)}")
+    args.objectives = parse_objectives(args.objectives)  # one sentence (a UsageError) for a bad list
     if args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
     for spec in args.data + [args.val_data] * bool(args.val_data):
@@ -157,32 +162,54 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
     return requested
 
 
+def resumed_objectives(requested: dict, held, source) -> dict:
+    """The objectives of a resumed run: the checkpoint's heads must be those the requested objectives need (a run
+    saved before objectives existed trained msm); their weights may change."""
+    saved = held.head_options.get("objectives") or DEFAULT_OBJECTIVES
+    if set(saved) != set(requested):
+        raise ConfigError(f"{source} was trained with --objectives {describe_objectives(saved)}, whose heads this run's "
+                          f"{describe_objectives(requested)} would not match: resume with --objectives "
+                          f"{describe_objectives(saved)}")
+    if saved != requested:
+        logger.warning("%s was trained with --objectives %s; the resumed run weighs them %s", source,
+                       describe_objectives(saved), describe_objectives(requested))
+    return requested
+
+
 # Validation samples drawn in tensorboard's val/reconstruction at every validation: the first of rank 0's first batch.
 RECONSTRUCTION_ROWS = 4
 
 
 @torch.no_grad()
-def validate(engine, batches, patch_size: int, first_batch: list = None) -> dict:
-    """Masked image and text losses over the validation set: means over every masked pixel value and every
-    masked token of all ranks, so the grouping into batches and ranks does not change them. Where ``first_batch``
-    is a list, (this rank's first batch, the predictions of its forward: ``visualize.captured_predictions``) is
-    appended to it, taken from the validation forward itself: no extra pass, and under ZeRO-3 every rank runs the
-    same forward passes as without it."""
+def validate(engine, batches, patch_size: int, objectives: dict, first_batch: list = None) -> dict:
+    """The objectives' losses over the validation set. Masked image, text and MLM losses are means over every
+    masked pixel value or token of all ranks, so the grouping into batches and ranks does not change them; the
+    contrastive and matching losses, which depend on the batch, are means over the batches of all ranks that hold
+    no padding. Where ``first_batch`` is a list, (this rank's first batch, the predictions of its forward:
+    ``visualize.captured_predictions``) is appended to it, taken from the validation forward itself: no extra pass,
+    and under ZeRO-3 every rank runs the same forward passes as without it."""
     engine.eval()
-    sums = torch.zeros(4, device=engine.device, dtype=torch.float64)  # image loss x count, count, the same for text
+    names = [name for name in ("image_loss", "text_loss", "mlm_loss", "itc_loss", "itm_loss")
+             if name in loss_names(objectives)]
+    sums = torch.zeros(2 * len(names), device=engine.device, dtype=torch.float64)  # loss x count, count per name
     for index, batch in enumerate(batches):
-        image_count = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
-        text_count = (batch["text_labels"] != IGNORE_INDEX).sum()
+        padded = bool(batch.pop("padding").any())
+        counts = {"image_loss": batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1],
+                  "text_loss": (batch["text_labels"] != IGNORE_INDEX).sum()}
+        if "mlm_text_labels" in batch:
+            counts["mlm_loss"] = (batch["mlm_text_labels"] != IGNORE_INDEX).sum()
         keep = first_batch is not None and index == 0
-        with captured_predictions(engine.module) if keep else nullcontext() as predictions:
+        with captured_predictions(engine.module) if keep and "msm" in objectives else nullcontext() as predictions:
             outputs = engine(**to_device(batch, engine))
         if keep:
             first_batch.append((batch, predictions))
-        sums += torch.stack([outputs["image_loss"].double() * image_count, image_count.double(),
-                             outputs["text_loss"].double() * text_count, text_count.double()]).to(sums.device)
+        for place, name in enumerate(names):
+            count = float(counts.get(name, 0.0 if padded else 1.0))
+            sums[2 * place] += float(outputs[name]) * count
+            sums[2 * place + 1] += count
     engine.train()
-    image_sum, image_count, text_sum, text_count = all_reduce(sums).tolist()
-    return {"val_image_loss": image_sum / max(image_count, 1), "val_text_loss": text_sum / max(text_count, 1)}
+    totals = all_reduce(sums).tolist()
+    return {f"val_{name}": totals[2 * place] / max(totals[2 * place + 1], 1) for place, name in enumerate(names)}
 
 
 def describe_skipped(problems: Counter) -> str:
@@ -191,22 +218,23 @@ def describe_skipped(problems: Counter) -> str:
 
 
 class PretrainingJob(Job):
-    """Masked signal modeling over the data stream: counts tokens, FLOPs and skipped samples, validates every
-    ``--val-interval`` steps, and saves the readers' position with every checkpoint."""
-    loss_names = LOSS_NAMES
+    """Pre-training over the data stream by ``--objectives``: counts tokens, FLOPs and skipped samples, validates
+    every ``--val-interval`` steps, and saves the readers' position with every checkpoint."""
 
     def __init__(self, engine, config, position: StreamPosition, args, client_state: dict, validation=None,
                  validation_samples=None):
         self.engine, self.config, self.position, self.args = engine, config, position, args
         self.base_state, self.validation, self.validation_samples = client_state, validation, validation_samples
         self.world_size = dist.get_world_size()
+        self.objectives = args.objectives
+        self.loss_names = loss_names(args.objectives)
 
     def inputs(self, batch: dict) -> tuple:
         skipped = self.position.consume(batch)
         size = len(batch["text_ids"])
         config = self.config
         counts = {"samples": size, "tokens": batch["text_padding_mask"].sum() + size * config.num_image_tokens,
-                  "flops": batch_training_flops(config, batch), **skipped}
+                  "flops": batch_training_flops(config, batch, self.objectives), **skipped}
         return batch, counts
 
     def step_record(self, step: int, counts: dict, step_time: float) -> dict:
@@ -219,11 +247,13 @@ class PretrainingJob(Job):
             batches = validation_batches(self.validation, self.validation_samples, dist.get_rank(), self.world_size,
                                          self.position.stream.micro_batch, self.args.seed, Counter())
             first_batch = [] if dist.get_rank() == 0 else None
-            record.update(validate(self.engine, batches, self.config.patch_size, first_batch))
+            validation = validate(self.engine, batches, self.config.patch_size, self.objectives, first_batch)
+            record.update(validation)
             if dist.get_rank() == 0:
-                logger.info("step %d validation: image %.4f  text %.4f", step, record["val_image_loss"],
-                            record["val_text_loss"])
-                picture = self.reconstruction_picture(*first_batch[0]) if first_batch else None
+                logger.info("step %d validation: %s", step, "  ".join(
+                    f"{name.removeprefix('val_').removesuffix('_loss')} {value:.4f}" for name, value in validation.items()))
+                picture = self.reconstruction_picture(*first_batch[0]) if first_batch and "msm" in self.objectives \
+                    else None
                 if picture is not None:
                     record["images"] = {"val/reconstruction": picture}  # RunLog writes it to tensorboard
         return record
@@ -294,6 +324,8 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
         saved = universal.model_config if universal is not None else saved_model_config(resume_tag)
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
+        held = held or HeldModel.of_training_state(saved_states(resume_tag)[0])
+        args.objectives = resumed_objectives(args.objectives, held, source)
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
     # Rank 0 opens each source (counting shards that have no index, scanning a manifest) and hands it to the others.
@@ -302,25 +334,27 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
         logger.info("data: %s, %s, weight %g", source.name, source.describe(), weight)
     stream = PretrainingStream(sources, args.data_weights,
                                MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, args.augment,
-                                             args.normalize_text),
+                                             args.normalize_text, args.objectives, MLM_MASK_RATIO),
                                micro_batch, rank, world_size, args.num_workers, args.seed, args.shuffle_block)
     position = StreamPosition(stream)
     validation = on_rank_zero(lambda: open_source(args.val_data, index_cache=args.out)) if args.val_data else None
     validation_samples = MaskedSamples(tokenizer, config.image_size, config.patch_size, masking, augment=False,
-                                       normalize_text=args.normalize_text)
+                                       normalize_text=args.normalize_text, objectives=args.objectives,
+                                       mlm_mask_ratio=MLM_MASK_RATIO)
 
     placement = ExpertPlacement.of_global_rank(rank, config.num_experts, ep_size)
     torch.manual_seed(args.seed)
-    model = build_model(lambda: MaskedSignalModeling(config, placement), ds_config)
+    model = build_model(lambda: PretrainingModel(config, placement, args.objectives), ds_config)
     if universal is not None:
         load_weights(model, universal.weights.renamed(placement.global_names(model)), args.resume_from)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
-    counts = parameter_counts(config)
+    counts = parameter_counts(config, objectives=args.objectives)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "
-                "embedding to the %s; ZeRO stage %d, expert-parallel size %d, activation checkpointing %s", args.model,
-                counts.total / 1e6, counts.activated / 1e6, config.num_experts, list(config.moe_layers),
-                "router and experts" if config.routing_embedding_to_experts else "router only",
-                zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off")
+                "embedding to the %s; ZeRO stage %d, expert-parallel size %d, activation checkpointing %s; "
+                "objectives %s", args.model, counts.total / 1e6, counts.activated / 1e6, config.num_experts,
+                list(config.moe_layers), "router and experts" if config.routing_embedding_to_experts else "router only",
+                zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off",
+                describe_objectives(args.objectives))
     engine, _ = initialize(model, ds_config, placement)
 
     start_step, saved_position = 0, None
@@ -350,7 +384,7 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     client_state = {"model_config": config.to_dict(), "task": PRETRAINING, "masking": masking.__dict__,
-                    "seed": args.seed}
+                    "seed": args.seed, "head_options": {"objectives": args.objectives}}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
     job.tokenizer = tokenizer
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,

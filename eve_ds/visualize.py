@@ -47,7 +47,7 @@ NORMALISATION_EPS = 1e-6  # normalized_pixel_targets' default
 
 @dataclass
 class Predictions:
-    """The two heads' outputs of one forward of MaskedSignalModeling: ``pixels`` [masked patches of the batch,
+    """The two heads' outputs of one forward of PretrainingModel: ``pixels`` [masked patches of the batch,
     patch_size**2 * channels], per-patch normalised, in ``image_mask``'s order (sample by sample, patches in raster
     order, pixels within a patch as ``patchify`` lays them out); ``token_logits`` [chosen text positions, vocab], in
     the order of ``text_labels != IGNORE_INDEX``."""
@@ -58,10 +58,10 @@ class Predictions:
 @contextmanager
 def captured_predictions(model):
     """Keeps the outputs of ``model``'s image and text heads during the forward passes in the block (the last one
-    wins): ``with captured_predictions(model) as predictions: model(**batch)``. ``model`` is a MaskedSignalModeling
+    wins): ``with captured_predictions(model) as predictions: model(**batch)``. ``model`` is a PretrainingModel
     or a DeepSpeed engine's module; the forward is the training one (``engine(**batch)`` under ZeRO-3, where every
     rank must run it), so the predictions are exactly what the losses were computed from. The heads run only on
-    masked patches and chosen tokens (MaskedSignalModeling.forward), which is what a grid shows."""
+    masked patches and chosen tokens (PretrainingModel.forward), which is what a grid shows."""
     predictions = Predictions()
 
     def keep(name):
@@ -186,7 +186,7 @@ def rows_of_batch(batch: dict, predictions: Predictions, patch_size: int, tokeni
     padding_mask = batch["text_padding_mask"].detach().cpu()
     if predictions.pixels is None or predictions.pixels.shape[0] != int(image_mask.sum()):
         raise ValueError("the image head's predictions do not match the masked patches of the batch (is "
-                         "MaskedSignalModeling.forward still applying it to the masked patches only?)")
+                         "PretrainingModel.forward still applying it to the masked patches only?)")
     chosen = text_labels != IGNORE_INDEX
     if predictions.token_logits is None or predictions.token_logits.shape[0] != int(chosen.sum()):
         raise ValueError("the text head's predictions do not match the masked tokens of the batch")

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eve_ds.engine import (all_gather_objects, build_model, init_distributed, initialize,  # noqa: E402
                            load_deepspeed_config)
 from eve_ds.model import ExpertPlacement  # noqa: E402
-from eve_ds.objectives import MaskedSignalModeling  # noqa: E402
+from eve_ds.objectives import PretrainingModel  # noqa: E402
 from eve_ds.trainer import step_seed, to_device  # noqa: E402
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard  # noqa: E402
 
@@ -43,7 +43,7 @@ def main():
 
     torch.manual_seed(SEED)
     placement = ExpertPlacement.of_global_rank(rank, PARITY_CONFIG.num_experts, ep_size)
-    model = build_model(lambda: MaskedSignalModeling(PARITY_CONFIG, placement), ds_config)
+    model = build_model(lambda: PretrainingModel(PARITY_CONFIG, placement), ds_config)
     # What each rank holds once built: under ZeRO-3 only partitions (the config persists no parameter whole), each
     # expert's over the ranks that share it.
     built = {"whole_elements": sum(param.data.numel() for param in model.parameters()),

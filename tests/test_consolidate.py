@@ -14,7 +14,7 @@ from eve_ds.checkpoint.manifest import LATEST, MANIFEST
 from eve_ds.config import ConfigError, preset
 from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
 from eve_ds.model import EVE
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from tests.conftest import launch_pretrain, run_tool, small_ds_config
 from tests.test_tokenizer import roberta_style_tokenizer
 
@@ -43,7 +43,7 @@ def test_cli_writes_weights_that_load_into_the_model(run, tmp_path):
     description = json.loads((tmp_path / "out" / "config.json").read_text())
     assert description["source"]["step"] == 3 and description["dtype"] == "float32"
     assert all(tensor.dtype == torch.float32 for tensor in state_dict.values())
-    full = MaskedSignalModeling.from_pretrained(tmp_path / "out")
+    full = PretrainingModel.from_pretrained(tmp_path / "out")
     encoder = EVE.from_pretrained(tmp_path / "out")
     for name, tensor in encoder.state_dict().items():
         torch.testing.assert_close(tensor, full.encoder.state_dict()[name], rtol=0, atol=0)
@@ -198,7 +198,7 @@ def write_stage0_checkpoint(checkpoints, config, step: int = 1, tokenizer: TextT
     the pre-training loop saves them. Returns the tag folder."""
     tag_dir = checkpoints / f"step_{step:08d}"
     tag_dir.mkdir(parents=True)
-    weights = MaskedSignalModeling(config).state_dict()
+    weights = PretrainingModel(config).state_dict()
     for layer, block in enumerate(config.moe_layers):
         for expert in range(config.num_experts):
             prefix = f"encoder.blocks.{block}.ffn.deepspeed_moe.experts.deepspeed_experts.{expert}."

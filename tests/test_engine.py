@@ -7,7 +7,7 @@ from deepspeed.accelerator import get_accelerator
 from eve_ds.config import ConfigError, preset
 from eve_ds.engine import load_deepspeed_config, optimizer_param_groups
 from eve_ds.model import ExpertPlacement
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from tests.conftest import REPO, small_ds_config
 
 
@@ -69,7 +69,7 @@ def test_expert_placement_follows_deepspeed_layout():
 
 
 def test_param_groups_split_experts_and_exempt_norms_from_decay():
-    model = MaskedSignalModeling(preset("eve-tiny"))
+    model = PretrainingModel(preset("eve-tiny"))
     groups = optimizer_param_groups(model, weight_decay=0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [p for group in groups for p in group["params"]]

@@ -17,11 +17,12 @@ from eve_ds.config import preset
 from eve_ds.finetune.metrics import rerank, retrieval_recall
 from eve_ds.finetune.nlvr2 import BiAttentionHead, NLVR2Model
 from eve_ds.finetune.optim import param_groups
-from eve_ds.finetune.retrieval import (TEMPERATURE_RANGE, RetrievalModel, clamp_temperature, contrastive_loss,
-                                       gather_with_grad, sample_hard_negatives)
+from eve_ds.finetune.retrieval import RetrievalModel
 from eve_ds.finetune.vqa import VQAModel
 from eve_ds.model import ExpertPlacement
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
+from eve_ds.objectives.contrastive import (TEMPERATURE_RANGE, clamp_temperature, contrastive_loss, gather_with_grad,
+                                           sample_hard_negatives)
 from tests.conftest import REPO, free_port
 from tests.released_reference import (released_forward, released_gate_loss, released_itm_logits,
                                       released_nlvr2_biattn_logits, released_retrieval_embeddings)
@@ -354,7 +355,7 @@ def test_retrieval_matching_runs_the_authors_three_passes_of_the_batch(monkeypat
                     if "experts" in name and name.endswith("weight"):
                         param.normal_(0.0, 0.1)
     drawn = []
-    monkeypatch.setattr("eve_ds.finetune.retrieval.sample_hard_negatives",
+    monkeypatch.setattr("eve_ds.objectives.contrastive.sample_hard_negatives",
                         lambda *args: drawn.append(sample_hard_negatives(*args)) or drawn[-1])
     batch = retrieval_batch()
     with torch.no_grad():
@@ -454,7 +455,7 @@ def checkpoint(tmp_path_factory):
     """A consolidated folder as tools/consolidate.py writes it: the pre-training model's weights and config."""
     folder = tmp_path_factory.mktemp("pretrained")
     torch.manual_seed(5)
-    pretrained = MaskedSignalModeling(CONFIG)
+    pretrained = PretrainingModel(CONFIG)
     save_pretrained(folder, pretrained.state_dict(), CONFIG)
     weights = pretrained.state_dict()
     return folder, {k.removeprefix("encoder."): v for k, v in weights.items() if k.startswith("encoder.")}

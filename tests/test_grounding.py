@@ -8,7 +8,7 @@ from eve_ds.checkpoint import save_pretrained
 from eve_ds.checkpoint.pretrained import PRETRAINING, HeldModel
 from eve_ds.config import preset
 from eve_ds.data import TextTokenizer, world
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from tools import make_world
 
 SCENES = 12
@@ -23,7 +23,7 @@ def folder(tmp_path_factory):
     config = preset("eve-tiny")
     tokenizer = TextTokenizer(root / "world" / "tokenizer.json", config.max_text_len)
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config.replace(vocab_size=tokenizer.vocab_size))
+    model = PretrainingModel(config.replace(vocab_size=tokenizer.vocab_size))
     save_pretrained(root / "weights", model.state_dict(), model.config, tokenizer=tokenizer,
                     held=HeldModel(PRETRAINING))
     return root / "weights"

@@ -3,7 +3,7 @@ import torch
 
 from eve_ds.config import ConfigError, EVEConfig, PRESETS, preset
 from eve_ds.model import EVE, ExpertPlacement
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from eve_ds.params import parameter_counts
 
 
@@ -25,7 +25,7 @@ def batch(config, size=3, text_len=None, seed=0):
 def test_parameter_count_formula_matches_the_module(name):
     config = PRESETS[name]
     with torch.device("meta"):
-        model = MaskedSignalModeling(config)
+        model = PretrainingModel(config)
     assert sum(p.numel() for p in model.parameters()) == parameter_counts(config).total
 
 
@@ -118,7 +118,7 @@ def test_padding_tokens_do_not_change_real_outputs():
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     config = preset("eve-tiny").replace(drop_path_rate=0.1)
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config).train()
+    model = PretrainingModel(config).train()
     inputs = batch(config, size=4)
 
     def loss_and_grads(checkpointing):
@@ -145,7 +145,7 @@ def test_a_bf16_model_takes_the_fp32_batch_and_scores_against_fp32_pixels():
     casts the images it embeds to its own dtype."""
     config = preset("eve-tiny").replace(capacity_factor=8.0, eval_capacity_factor=8.0)
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config).eval()
+    model = PretrainingModel(config).eval()
     inputs = batch(config)
     fp32 = model(**inputs)
     bf16 = model.bfloat16()(**inputs)

@@ -1,7 +1,7 @@
 import torch
 
 from eve_ds.config import preset
-from eve_ds.objectives import MaskedSignalModeling, normalized_pixel_targets, patchify
+from eve_ds.objectives import PretrainingModel, normalized_pixel_targets, patchify
 from tests.released_reference import released_gate_loss
 from tests.test_model import batch, record_moe_losses
 
@@ -24,7 +24,7 @@ def test_pixel_targets_are_normalised_per_patch():
 def test_losses_count_only_masked_signals():
     config = preset("eve-tiny")
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config).eval()
+    model = PretrainingModel(config).eval()
     inputs = batch(config)
     outputs = model(**inputs)
     assert outputs["loss"] == outputs["image_loss"] + outputs["text_loss"] + 0.001 * outputs["aux_loss"]
@@ -42,7 +42,7 @@ def test_losses_count_only_masked_signals():
 def test_image_loss_is_mse_over_masked_patches():
     config = preset("eve-tiny")
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config).eval()
+    model = PretrainingModel(config).eval()
     inputs = batch(config)
     hidden, _ = model.encoder(inputs["images"], inputs["text_ids"], inputs["text_padding_mask"], inputs["image_mask"])
     prediction = model.image_head(hidden[:, 1:config.num_image_tokens])
@@ -56,7 +56,7 @@ def test_pre_training_weights_the_aux_loss_as_the_authors_gate_loss():
     """0.001 x the mean over MoE layers (the authors' gate loss), not 0.001 x their sum."""
     config = preset("eve-tiny")
     torch.manual_seed(0)
-    model = MaskedSignalModeling(config).eval()
+    model = PretrainingModel(config).eval()
     layer_losses = record_moe_losses(model.encoder)
     outputs = model(**batch(config))
     assert len(layer_losses) == 2

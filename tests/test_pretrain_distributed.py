@@ -1,5 +1,6 @@
 """Real 2-rank launches on CPU (gloo) of the pre-training entry point."""
 import json
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from eve_ds.config import preset
 from eve_ds.data import TextTokenizer
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, training_flops
-from tests.conftest import SHAPES, launch_pretrain, read_metrics, small_ds_config
+from eve_ds.checkpoint.pretrained import StoredWeights, held_model
+from tests.conftest import SHAPES, launch_pretrain, read_metrics, run_tool, small_ds_config
 
 pytestmark = pytest.mark.distributed
 LOSSES = ("loss", "image_loss", "text_loss", "aux_loss")
@@ -54,12 +56,17 @@ ZERO3_EP_CHECKPOINTED = {"zero_optimization": {"stage": 3, "stage3_param_persist
 # The ZeRO-2 run trains the router-only variant and is resumed without saying so: the checkpoint's setting wins.
 # The ZeRO-3 run reads with 2 loader workers per rank: resumed after 3 micro-batches, worker 0 plays the reader
 # of worker 1.
+# The VLMo objectives run under ZeRO-3 with expert parallelism: five encoder passes a step, the contrastive features
+# gathered over both ranks, hard negatives drawn from both ranks' pairs.
 @pytest.mark.parametrize("overrides, first_args, both_args", [({}, ["--no-routing-embedding-to-experts"], []),
-                                                              (ZERO3_EP_CHECKPOINTED, [], ["--num-workers", "2"])],
-                         ids=["zero2_ep_router_only", "zero3_ep_checkpointed"])
+                                                              (ZERO3_EP_CHECKPOINTED, [], ["--num-workers", "2"]),
+                                                              (ZERO3_EP_CHECKPOINTED, [], ["--objectives", "itc,itm,mlm"])],
+                         ids=["zero2_ep_router_only", "zero3_ep_checkpointed", "zero3_ep_vlmo_objectives"])
 def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overrides, first_args, both_args):
     steps, interrupted_at = 6, 3
     ds_config = small_ds_config(**overrides)
+    if "--objectives" in both_args:  # validated too: every objective's loss on fixed batches
+        both_args = [*both_args, "--val-data", dirty_manifest, "--val-interval", interrupted_at]
     full, log = launch_pretrain(tmp_path, tmp_path / "full", ds_config, "--steps", steps,
                                 "--save-interval", interrupted_at, *first_args, *both_args, data=dirty_manifest)
     if overrides:
@@ -79,8 +86,10 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overr
     if first_args:
         assert "trained with routing_embedding_to_experts False; the resumed run keeps that" in log
     assert [r["step"] for r in resumed] == list(range(1, steps + 1))
+    losses = ("loss", "itc_loss", "itm_loss", "mlm_loss", "aux_loss") if "--objectives" in both_args else LOSSES
+    assert all(key in full[-1] for key in losses) and ("image_loss" in full[-1]) == (losses == LOSSES)
     for before, after in zip(full[interrupted_at:], resumed[interrupted_at:]):
-        for key in LOSSES + ("lr", ):
+        for key in losses + ("lr", ):
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
     assert resumed == read_metrics(run)
     # The readers' position is one file of each checkpoint, not a copy in every rank's model states.
@@ -89,3 +98,17 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overr
     assert position["layout"]["world_size"] == 2 and len(position["states"]) == 2
     for states in checkpoint.glob("*model_states.pt"):
         assert "data" not in torch.load(states, map_location="cpu", weights_only=False)
+    if "--objectives" in both_args:  # consolidation keeps the heads the run trained, and says which objectives
+        validated = [record for record in resumed if "val_itc_loss" in record]
+        assert [record["step"] for record in validated] == [3, 6] and "val_image_loss" not in validated[0]
+        assert all(0 < record[f"val_{name}_loss"] < 20 for record in validated for name in ("itc", "itm", "mlm"))
+        assert validated[-1]["val_itm_loss"] == pytest.approx(full[-1]["val_itm_loss"], rel=1e-5)
+        assert "objectives itc,itm,mlm" in log
+        assert re.search(r"step 6/6  loss [\d.]+  itc [\d.]+  itm [\d.]+  mlm [\d.]+  aux [\d.]+  lr", log)
+        result = run_tool("consolidate.py", run / "checkpoints", tmp_path / "weights")
+        assert result.returncode == 0, result.stderr
+        held = held_model(tmp_path / "weights")
+        assert held.head_options == {"objectives": {"itc": 1.0, "itm": 1.0, "mlm": 1.0}}
+        names = set(StoredWeights(tmp_path / "weights" / "model.safetensors"))
+        assert {"itm_head.weight", "temperature", "text_head.weight", "image_projection.weight"} <= names
+        assert "image_head.weight" not in names

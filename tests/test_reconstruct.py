@@ -17,7 +17,7 @@ from eve_ds.checkpoint.pretrained import PRETRAINING, HeldModel
 from eve_ds.config import preset
 from eve_ds.data import MaskedSamples, TextTokenizer
 from eve_ds.errors import job_status
-from eve_ds.objectives import MaskedSignalModeling, MaskingConfig, normalized_pixel_targets
+from eve_ds.objectives import PretrainingModel, MaskingConfig, normalized_pixel_targets
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.visualize import (MASK_GREY, PANELS, TEXT_WIDTH, Predictions, captured_predictions,
                               reconstruction_grid, rows_of_batch, to_uint8)
@@ -41,7 +41,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def model(tokenizer):
     torch.manual_seed(0)
-    return MaskedSignalModeling(preset("eve-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
+    return PretrainingModel(preset("eve-tiny").replace(vocab_size=tokenizer.vocab_size)).eval()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from eve_ds.checkpoint.released import backbone, from_released, import_released,
 from eve_ds.config import preset
 from eve_ds.data.tokenizer import SPECIAL_TOKENS_FILE, TOKENIZER_FILE, TextTokenizer
 from eve_ds.model import EVE
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from tests.conftest import run_tool
 from tests.released_reference import encode_every_mode
 from tests.test_model import batch
@@ -30,7 +30,7 @@ def consolidated(tmp_path_factory):
     """A consolidated eve-tiny folder whose every weight is random, so that no two tensors can stand in
     for each other unnoticed (fresh norms are all ones, biases all zeros)."""
     torch.manual_seed(0)
-    model = MaskedSignalModeling(CONFIG)
+    model = PretrainingModel(CONFIG)
     with torch.no_grad():
         for param in model.parameters():
             param.normal_(0.0, 0.2)
@@ -141,7 +141,7 @@ def test_export_then_import_is_the_identity(consolidated, tmp_path):
     for name, tensor in imported.items():
         assert torch.equal(tensor, original[name]), name
     assert held_model(tmp_path / "imported") == HeldModel("pretraining")
-    MaskedSignalModeling.from_pretrained(tmp_path / "imported")  # strict
+    PretrainingModel.from_pretrained(tmp_path / "imported")  # strict
 
 
 def authors_style_file(consolidated, path):

@@ -17,7 +17,7 @@ from eve_ds.checkpoint.manifest import verify_share
 from eve_ds.config import preset
 from eve_ds.data import TextTokenizer
 from eve_ds.errors import EXIT_DIVERGED, EXIT_USAGE, job_status
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from eve_ds.run_folder import RunFolderLock
 from tests.conftest import REPO, SHAPES, read_metrics
 
@@ -77,7 +77,7 @@ def test_one_plain_process_trains_from_its_first_step_and_logs_the_lr_it_applied
     assert records[0]["lr"] == pytest.approx(0.5e-3)
     config = preset("eve-tiny").replace(vocab_size=TextTokenizer(SHAPES / "tokenizer.json", 40).vocab_size)
     torch.manual_seed(0)
-    initial = MaskedSignalModeling(config).state_dict()
+    initial = PretrainingModel(config).state_dict()
     after_step_1 = consolidate(finished_run / "checkpoints", tag="step_00000001").state_dict
     moved = max((after_step_1[name] - initial[name]).abs().max().item() for name in after_step_1)
     assert 1e-4 < moved < 1e-3  # AdamW's first step moves each weight by about lr

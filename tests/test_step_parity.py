@@ -13,7 +13,7 @@ import torch
 from eve_ds.checkpoint import consolidate, save_pretrained
 from eve_ds.engine import optimizer_param_groups
 from eve_ds.model import ExpertPlacement
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from eve_ds.trainer import step_seed
 from tests.conftest import REPO, free_port
 from tests.parity import PARITY_CONFIG, SEED, global_batch, shard
@@ -52,7 +52,7 @@ def distributed_run(request, tmp_path_factory):
 @functools.lru_cache
 def reference_step(world_size: int):
     torch.manual_seed(SEED)
-    model = MaskedSignalModeling(PARITY_CONFIG)
+    model = PretrainingModel(PARITY_CONFIG)
     initial = {name: param.detach().clone() for name, param in model.named_parameters()}
     optimizer = torch.optim.AdamW(optimizer_param_groups(model, OPTIMIZER["weight_decay"]), lr=LR,
                                   betas=OPTIMIZER["betas"], eps=OPTIMIZER["eps"])
@@ -133,7 +133,7 @@ def test_consolidated_checkpoint_reproduces_distributed_eval_outputs(distributed
                                    msg=name)
     save_pretrained(tmp_path / "consolidated", checkpoint.state_dict, checkpoint.model_config)
 
-    model = MaskedSignalModeling.from_pretrained(tmp_path / "consolidated").eval()
+    model = PretrainingModel.from_pretrained(tmp_path / "consolidated").eval()
     batch = global_batch(MICRO_BATCH * world_size)
     if bf16:
         model = model.bfloat16()

@@ -16,7 +16,7 @@ from eve_ds.finetune.retrieval import RetrievalModel
 from eve_ds.finetune.tasks import EXAMPLES
 from eve_ds.finetune.vqa import VQAModel
 from eve_ds.model import EVE
-from eve_ds.objectives import MaskedSignalModeling
+from eve_ds.objectives import PretrainingModel
 from tests.conftest import SHAPES, launch, run_tool
 from tests.released_reference import released_forward, released_nlvr2_biattn_logits
 
@@ -89,7 +89,7 @@ def test_heads_of_another_task_or_size_are_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="holds the VQA model .num_answers 11., which has no nlvr2 head"):
         NLVR2Model.from_pretrained(tmp_path / "vqa", require_head=True)
     with pytest.raises(CheckpointError, match="holds the VQA model .num_answers 11., without the pre-training heads"):
-        MaskedSignalModeling.from_pretrained(tmp_path / "vqa")
+        PretrainingModel.from_pretrained(tmp_path / "vqa")
 
     # Fine-tuning another task from it takes the encoder and draws a new head.
     model = NLVR2Model.from_pretrained(tmp_path / "vqa")

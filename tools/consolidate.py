@@ -6,7 +6,7 @@ and the run's tokenizer (tokenizer.json, special_tokens.json) where the checkpoi
     python tools/consolidate.py runs/finetune-vqa/checkpoints runs/finetune-vqa/consolidated
 
 Load it with ``eve_ds.model.EVE.from_pretrained(OUT)`` (the encoder of any folder),
-``eve_ds.objectives.MaskedSignalModeling.from_pretrained(OUT)`` (a pre-training run's, with its heads) or a task
+``eve_ds.objectives.PretrainingModel.from_pretrained(OUT)`` (a pre-training run's, with its heads) or a task
 model's ``from_pretrained(OUT)`` (a fine-tuning run's, with its head); ``launch/finetune.py --pretrained OUT`` and
 ``tools/evaluate.py --pretrained OUT`` take it too. Runs offline on CPU without launching ranks.
 """

@@ -39,7 +39,7 @@ from eve_ds.checkpoint.pretrained import (CONFIG, PRETRAINING, WEIGHTS, Checkpoi
 from eve_ds.data.dataset import UNREADABLE_IMAGE_ERRORS, MaskedSamples  # noqa: E402
 from eve_ds.data.tokenizer import TOKENIZER_FILE, TextTokenizer  # noqa: E402
 from eve_ds.errors import ArgumentParser, UsageError, run_entry_point  # noqa: E402
-from eve_ds.objectives import MaskedSignalModeling, MaskingConfig  # noqa: E402
+from eve_ds.objectives import PretrainingModel, MaskingConfig  # noqa: E402
 from eve_ds.visualize import (PANELS, READABLE_PANEL, TOP_K, captured_predictions, readable_scale,  # noqa: E402
                               reconstruction_grid, rows_of_batch)
 
@@ -87,7 +87,8 @@ def open_weights(path: Path, tag=None) -> tuple:
     checkpoints folder."""
     if (path / CONFIG).is_file() or (path / WEIGHTS).is_file():
         pretrained_config(path)  # both files are there and the config reads
-        model = MaskedSignalModeling.from_pretrained(path)
+        model = PretrainingModel.from_pretrained(path)
+        model.check_reconstructs(path)
         tokenizer = (TextTokenizer.from_folder(path, model.config.max_text_len)
                      if (path / TOKENIZER_FILE).is_file() else None)
         return model.eval(), tokenizer, None, [f"{path} is a consolidated folder, which does not store the run's "
@@ -99,7 +100,10 @@ def open_weights(path: Path, tag=None) -> tuple:
     if checkpoint.held.task != PRETRAINING:
         raise CheckpointError(f"{checkpoint.source} holds {checkpoint.held.describe()}, without the pre-training "
                               "heads that reconstruct")
-    model = load_weights(MaskedSignalModeling(checkpoint.model_config), checkpoint.state_dict, checkpoint.source)
+    model = load_weights(PretrainingModel(checkpoint.model_config,
+                                          objectives=checkpoint.held.head_options.get("objectives")),
+                         checkpoint.state_dict, checkpoint.source)
+    model.check_reconstructs(checkpoint.source)
     masking = checkpoint.client_state.get("masking")
     notes = list(checkpoint.notes)
     if masking is None:

@@ -45,8 +45,8 @@ class HeldModel:
     def model_class(self):
         """The nn.Module class of the model (None for the encoder alone, which is stored under ``encoder.``)."""
         if self.task == PRETRAINING:
-            from eve_ds.objectives import MaskedSignalModeling
-            return MaskedSignalModeling
+            from eve_ds.objectives import PretrainingModel
+            return PretrainingModel
         if self.task == "vqa":
             from eve_ds.finetune.vqa import VQAModel
             return VQAModel
@@ -68,7 +68,10 @@ class HeldModel:
             return {name: t.shape for name, t in self.model_class()(config, **self.head_options).state_dict().items()}
 
     def describe(self) -> str:
-        options = ", ".join(f"{key} {value}" for key, value in self.head_options.items())
+        from eve_ds.objectives import describe_objectives
+
+        options = ", ".join(f"{key} {describe_objectives(value) if key == 'objectives' else value}"
+                            for key, value in self.head_options.items())
         return TASK_NAMES[self.task] + (f" ({options})" if options else "")
 
     def to_dict(self) -> dict:
@@ -244,14 +247,16 @@ def state_dict_mismatch(expected: dict, state_dict: dict) -> list:
 
 
 @torch.no_grad()
-def load_weights(module: torch.nn.Module, weights: Mapping, source) -> torch.nn.Module:
+def load_weights(module: torch.nn.Module, weights: Mapping, source, names=None) -> torch.nn.Module:
     """Writes ``weights`` (a state dict, or StoredWeights read one tensor at a time) into every parameter and
-    buffer of ``module``'s state dict, each module's parameters gathered from their ZeRO-3 partitions while they
-    are written (where ``engine.build_model`` partitioned them). Strict: fails, naming ``source``, on missing,
-    unexpected or mis-shaped weights."""
+    buffer of ``module``'s state dict (or those of ``names``, read from the weights of those names), each module's
+    parameters gathered from their ZeRO-3 partitions while they are written (where ``engine.build_model``
+    partitioned them). Strict: fails, naming ``source``, on missing, unexpected or mis-shaped weights."""
     # A ZeRO-3 partition's own shape is empty; ds_shape is the whole parameter's.
     expected = {name: getattr(tensor, "ds_shape", tensor.shape)
-                for name, tensor in module.state_dict(keep_vars=True).items()}
+                for name, tensor in module.state_dict(keep_vars=True).items() if names is None or name in names}
+    if names is not None:
+        weights = {name: weights[name] for name in expected if name in weights}
     mismatch = state_dict_mismatch(expected, weights)
     if mismatch:
         raise CheckpointError("\n".join([f"{source} does not fit the model:", *mismatch]))

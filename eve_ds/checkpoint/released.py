@@ -302,7 +302,7 @@ def _head_from_released(held: HeldModel, head: dict, config: EVEConfig) -> dict:
             tensor = head[theirs]
             tensors[ours] = tensor.reshape(expected[ours]) if tensor.numel() == math.prod(expected[ours]) else tensor
         elif ours == "temperature":
-            from eve_ds.finetune.retrieval import INITIAL_TEMPERATURE
+            from eve_ds.objectives.contrastive import INITIAL_TEMPERATURE
             tensors[ours] = torch.full(expected[ours], INITIAL_TEMPERATURE)
         else:
             missing.append(theirs)

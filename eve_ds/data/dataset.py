@@ -77,18 +77,25 @@ CAPTION_WORDS = 30
 
 
 class MaskedSamples:
-    """Turns (image bytes, caption, rng) into a masked-signal-modeling sample; every random choice (crop,
-    flip, image mask, text mask) is drawn from the caller's rng, seeded per sample. With ``normalize_text``, the
-    caption is normalised as the authors' ``pre_caption`` does (``text.py``) to CAPTION_WORDS words."""
+    """Turns (image bytes, caption, rng) into a pre-training sample; every random choice (crop, flip, image mask,
+    text masks) is drawn from the caller's rng, seeded per sample. With ``normalize_text``, the caption is normalised
+    as the authors' ``pre_caption`` does (``text.py``) to CAPTION_WORDS words.
+
+    Every sample holds masked signal modeling's inputs (``image_mask``, the masked caption ``text_ids`` and its
+    ``text_labels``); the other ``objectives`` add theirs (``itc``, ``itm``: the caption unmasked as
+    ``plain_text_ids``; ``mlm``: ``mlm_text_ids`` and ``mlm_text_labels``, masked at ``mlm_mask_ratio``), drawn after
+    masked signal modeling's, so that its masks do not depend on the objectives."""
 
     def __init__(self, tokenizer: TextTokenizer, image_size: int, patch_size: int, masking: MaskingConfig,
-                 augment: bool = True, normalize_text: bool = False):
+                 augment: bool = True, normalize_text: bool = False, objectives=("msm", ),
+                 mlm_mask_ratio: float = 0.15):
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.grid_size = image_size // patch_size
         self.masking = masking
         self.augment = augment
         self.normalize_text = normalize_text
+        self.objectives, self.mlm_mask_ratio = tuple(objectives), mlm_mask_ratio
 
     def make(self, image_data: bytes, caption: str, rng) -> dict:
         """Raises one of UNREADABLE_IMAGE_ERRORS for an image that cannot be decoded, and ``text.EmptyText`` (a
@@ -106,5 +113,11 @@ class MaskedSamples:
         ids, padding_mask, maskable = self.tokenizer.encode(caption)
         text_ids, text_labels = mask_text(ids, maskable, self.masking.text_mask_ratio, self.tokenizer.mask_id,
                                           self.tokenizer.ordinary_ids, rng)
-        return {"images": image, "image_mask": image_mask, "text_ids": text_ids, "text_labels": text_labels,
-                "text_padding_mask": padding_mask}
+        sample = {"images": image, "image_mask": image_mask, "text_ids": text_ids, "text_labels": text_labels,
+                  "text_padding_mask": padding_mask}
+        if "itc" in self.objectives or "itm" in self.objectives:
+            sample["plain_text_ids"] = ids
+        if "mlm" in self.objectives:
+            sample["mlm_text_ids"], sample["mlm_text_labels"] = mask_text(
+                ids, maskable, self.mlm_mask_ratio, self.tokenizer.mask_id, self.tokenizer.ordinary_ids, rng)
+        return sample

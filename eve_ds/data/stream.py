@@ -263,12 +263,22 @@ def validation_batches(source, samples: MaskedSamples, rank: int, world_size: in
 
 
 def _with_padding(batch: list, samples: MaskedSamples) -> dict:
+    """The batch with its empty places (None) filled by a padding sample with nothing masked, and ``padding`` [B]
+    saying which they are (a contrastive loss must leave such a batch out: its padding repeats a pair)."""
     template = next((sample for sample in batch if sample is not None), None)
     if template is None:
         size = samples.image_size
         ids, padding_mask, _ = samples.tokenizer.encode("")
         template = {"images": torch.zeros(3, size, size), "image_mask": torch.zeros(samples.grid_size**2, dtype=bool),
                     "text_ids": ids, "text_labels": torch.full_like(ids, IGNORE_INDEX), "text_padding_mask": padding_mask}
+        if "itc" in samples.objectives or "itm" in samples.objectives:
+            template["plain_text_ids"] = ids
+        if "mlm" in samples.objectives:
+            template.update(mlm_text_ids=ids, mlm_text_labels=torch.full_like(ids, IGNORE_INDEX))
     padding = {**template, "image_mask": torch.zeros_like(template["image_mask"]),
                "text_labels": torch.full_like(template["text_labels"], IGNORE_INDEX)}
-    return torch.utils.data.default_collate([sample if sample is not None else padding for sample in batch])
+    if "mlm_text_labels" in padding:
+        padding["mlm_text_labels"] = torch.full_like(template["mlm_text_labels"], IGNORE_INDEX)
+    collated = torch.utils.data.default_collate([sample if sample is not None else padding for sample in batch])
+    collated["padding"] = torch.tensor([sample is None for sample in batch])
+    return collated

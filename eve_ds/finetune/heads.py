@@ -8,8 +8,8 @@ import logging
 import torch
 from torch import nn
 
-from eve_ds.checkpoint.pretrained import (FINETUNING_TASKS, CheckpointError, HeldModel, StoredWeights, held_model,
-                                         load_weights, open_pretrained)
+from eve_ds.checkpoint.pretrained import (FINETUNING_TASKS, PRETRAINING, CheckpointError, HeldModel, StoredWeights,
+                                         held_model, load_weights, open_pretrained)
 from eve_ds.config import EVEConfig
 from eve_ds.engine import build_model
 from eve_ds.model import EVE, ExpertPlacement
@@ -54,6 +54,7 @@ class TaskModel(nn.Module):
             aux_weight = self.default_aux_weight if self.default_aux_weight is not None else config.aux_loss_weight
         self.aux_weight = aux_weight
         self.head_loaded = False  # whether from_weights read the head too
+        self.seeded_head = frozenset()  # head parameters from_weights read from a pre-training run's heads
 
     def head_options(self) -> dict:
         return {}
@@ -102,6 +103,14 @@ class TaskModel(nn.Module):
         model.head_loaded = same_task
         module, view = model.stored_part(weights, placement)
         load_weights(module, view, weights.path)
+        if held.task == PRETRAINING:  # a head the pre-training trained (retrieval's, after --objectives itc,itm)
+            seeded = frozenset(name for name, _ in model.named_parameters()
+                               if not name.startswith("encoder.") and name in weights)
+            if seeded:
+                load_weights(model, weights, weights.path, names=seeded)
+                model.seeded_head = seeded
+                logger.info("%s holds the %s the pre-training trained: the %s head starts from them", folder,
+                            ", ".join(sorted(seeded)), cls.task)
         return model
 
     @classmethod
@@ -131,7 +140,8 @@ class TaskModel(nn.Module):
         gives them the learning-rate multiplier, as the authors do for the keys missing from their checkpoint."""
         if self.head_loaded:
             return frozenset()
-        return frozenset(name for name, _ in self.named_parameters() if not name.startswith("encoder."))
+        return frozenset(name for name, _ in self.named_parameters()
+                         if not name.startswith("encoder.") and name not in self.seeded_head)
 
     def text_cls(self, hidden: torch.Tensor) -> torch.Tensor:
         """The text [CLS] state of a joint encoding [CLS_img, patches..., CLS_txt, text...]."""
