@@ -58,7 +58,11 @@ def init_distributed():
     rank and never removes it; once all ranks have mapped their peers' files (a barrier), each removes its file's
     name, so that the memory goes with the processes however they end. A gloo process that exits with its process
     groups alive can abort in interpreter teardown ("terminate called without an active exception",
-    pytorch#190489): a finished run would exit -6; the groups are destroyed at exit instead."""
+    pytorch#190489): a finished run would exit -6; the groups are destroyed at exit instead. On GPUs each rank
+    takes its local device first: the object collectives before the engine exists (a data source handed from rank
+    0, the run folder's lock) run on the current device, which would otherwise be GPU 0 for every rank of a node."""
+    if on_gpu():
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", 0)))
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     if on_gpu():
         return
