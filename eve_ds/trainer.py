@@ -21,7 +21,7 @@ from tqdm import tqdm
 from eve_ds.checkpoint.training import RunCheckpoints
 from eve_ds.cluster import (EXIT_REQUEUE, StopRequest, StoppedWaiting, end_helper_processes,
                             set_distributed_env_from_slurm, set_single_process_env)
-from eve_ds.engine import all_gather_objects, init_distributed
+from eve_ds.engine import init_distributed
 from eve_ds.errors import TrainingDiverged, UsageError
 from eve_ds.model.moe import TEXT, VISION
 from eve_ds.run_folder import RunFolderLock
