@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from eve_ds.checkpoint.consolidate import saved_model_config, saved_states
+from eve_ds.checkpoint.consolidate import model_config_in, saved_states
 from eve_ds.checkpoint.data_position import read_data_position, write_data_position
 from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, HeldModel, held_model, load_weights
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
@@ -43,6 +43,8 @@ from eve_ds.visualize import captured_predictions, readable_scale, reconstructio
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT / "data/shapes/shards/{00000..00003}.tar"
+
+
 def parse_args(argv=None):
     parser = ArgumentParser(description="Pre-train EVE (by masked signal modeling, or other --objectives) with "
                                         "DeepSpeed.")
@@ -321,10 +323,13 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
         source = args.resume_from or resume_tag
-        saved = universal.model_config if universal is not None else saved_model_config(resume_tag)
+        if universal is not None:
+            saved = universal.model_config
+        else:  # the checkpoint's first model-states file, read once for its config and the model it holds
+            states, states_path = saved_states(resume_tag)
+            saved, held = model_config_in(states, states_path), HeldModel.of_training_state(states)
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
-        held = held or HeldModel.of_training_state(saved_states(resume_tag)[0])
         args.objectives = resumed_objectives(args.objectives, held, source)
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 

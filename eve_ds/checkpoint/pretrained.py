@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import os
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,9 +91,11 @@ class HeldModel:
         return cls(ENCODER if all(name.startswith("encoder.") for name in names) else PRETRAINING)
 
 
-def write_atomically(path: Path, write):
-    """Writes through a temporary name in the same folder, so a crash never leaves a partial file."""
-    temporary = path.with_name(f".{path.name}.partial")
+def write_atomically(path: Path, write, concurrent: bool = False):
+    """Writes through a temporary name in the same folder, so a crash never leaves a partial file. The temporary is
+    ``.NAME.partial``, which the next write replaces (a crashed write's leftover goes with it); with ``concurrent``
+    (ranks that may write the file at once) each writer takes a temporary of its own."""
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial" if concurrent else f".{path.name}.partial")
     try:
         write(temporary)
         os.replace(temporary, path)

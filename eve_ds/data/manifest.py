@@ -5,16 +5,15 @@ non-blank lines (``ManifestLines``, 8 bytes a line), found by one scan of the fi
 that later starts, other ranks and loader workers read instead of scanning again; a line is parsed when it is
 read, and a malformed one is skipped and counted then.
 """
-import hashlib
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from eve_ds.data.shards import run_cache_file
 from eve_ds.errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -133,8 +132,7 @@ def open_manifest(path, cache=None) -> ManifestLines:
     stat = path.stat()
     places = [path.with_name(path.name + OFFSETS_SUFFIX)]
     if cache is not None:
-        places.append(Path(cache) / f"manifest-{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]}"
-                                    f"{OFFSETS_SUFFIX}")
+        places.append(run_cache_file(cache, path, "manifest", OFFSETS_SUFFIX))
     lines = next((ManifestLines(path, offsets_file=place, lines=count) for place in places
                   if (count := _counted_lines(place, stat)) is not None), None)
     if lines is None:
@@ -176,20 +174,17 @@ def _counted_lines(place: Path, stat):
 
 
 def _write_offsets(place: Path, offsets: np.ndarray, stat) -> bool:
-    """Writes through a temporary name of its own, then renames (ranks may write at once); False where it cannot."""
+    """Written atomically (ranks may write it at once); False where it cannot be."""
+    from eve_ds.checkpoint.pretrained import write_atomically  # eve_ds.checkpoint imports eve_ds.data
+
     header = np.array([(_MAGIC, stat.st_size, stat.st_mtime_ns, len(offsets))], _HEADER)
-    temporary = place.with_name(f".{place.name}.{uuid.uuid4().hex}.partial")
     try:
         place.parent.mkdir(parents=True, exist_ok=True)
-        with temporary.open("wb") as out:
-            out.write(header.tobytes())
-            out.write(offsets.astype("<i8").tobytes())
-        os.replace(temporary, place)
+        content = header.tobytes() + offsets.astype("<i8").tobytes()
+        write_atomically(place, lambda temporary: temporary.write_bytes(content), concurrent=True)
         return True
     except OSError:
         return False
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def read_manifest(path) -> tuple:

@@ -15,7 +15,6 @@ import os
 import re
 import tarfile
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
@@ -223,10 +222,15 @@ def _record(folder: Path, new: dict, cache):
     _write_counts(path, {**_read_counts(path), **new}, folder)
 
 
+def run_cache_file(cache, path, kind: str, suffix: str) -> Path:
+    """The file in ``cache`` (a run folder) that keeps what a read-only folder could not hold beside ``path`` (a
+    shard folder's counts, a manifest's offsets), named by a hash of the path: two folders' shards may share names."""
+    digest = hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return Path(cache) / f"{kind}-{digest}{suffix}"
+
+
 def _cache_file(folder: Path, cache) -> Path:
-    """The cached index of a shard folder, keyed by the folder's path: two folders' shards may share names."""
-    digest = hashlib.sha1(str(Path(folder).resolve()).encode()).hexdigest()[:16]
-    return Path(cache) / f"index-{digest}.json"
+    return run_cache_file(cache, folder, "index", ".json")
 
 
 def _read_counts(path: Path) -> dict:
@@ -240,14 +244,10 @@ def _read_counts(path: Path) -> dict:
 
 
 def _write_counts(path: Path, counts: dict, folder: Path = None):
-    """Writes through a temporary name of its own, then renames: readers never see a partial file, and ranks
-    writing at once never share a temporary (as they would checkpoint.pretrained.write_atomically's)."""
+    """Readers never see a partial file, and ranks writing at once never share a temporary."""
+    from eve_ds.checkpoint.pretrained import write_atomically  # eve_ds.checkpoint imports eve_ds.data
+
     index = {"format": "eve-ds shards", "samples": sum(counts.values()), "shards": dict(sorted(counts.items()))}
     if folder is not None:
         index["folder"] = str(Path(folder).resolve())
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        temporary.write_text(json.dumps(index, indent=1) + "\n")
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, lambda temporary: temporary.write_text(json.dumps(index, indent=1) + "\n"), concurrent=True)
