@@ -116,7 +116,7 @@ def main():
     init_distributed()
     rank, world_size = dist.get_rank(), dist.get_world_size()
     config = pretrained_config(args.finetune_from) if args.finetune_from else preset(args.model)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 10,
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.routed_experts, 10,
                                                    expert_parallel_size=args.expert_parallel_size)
     ds_config["train_micro_batch_size_per_gpu"], ds_config["train_batch_size"] = 1, world_size
     ds_config["bf16"] = {"enabled": False}

@@ -202,7 +202,7 @@ def main():
     if args.data:
         tokenizer = TextTokenizer(args.tokenizer or default_tokenizer(args.data[0]), config.max_text_len)
         config = config.replace(vocab_size=tokenizer.vocab_size)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts,
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.routed_experts,
                                                    args.warmup + args.steps + 1,
                                                    expert_parallel_size=args.expert_parallel_size)
     if args.micro_batch:

@@ -133,6 +133,9 @@ def load_deepspeed_config(path, world_size: int, num_experts: int, train_steps: 
         other = "" if expert_parallel_size is not None else ", or set --expert-parallel-size"
         fail(ep_key, f"is {ep_size}, which does not divide the world size {world_size}; launch a multiple of "
                      f"{ep_size} ranks{other}")
+    if num_experts == 0 and ep_size > 1:
+        fail(ep_key, f"is {ep_size}, but the model has no MoE layers whose experts it could place; set it to 1 "
+                     "(--expert-parallel-size 1)")
     if num_experts % ep_size:
         fail(ep_key, f"is {ep_size}, which does not divide the model's {num_experts} experts")
     if not isinstance(options.activation_checkpointing, bool):

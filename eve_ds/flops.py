@@ -5,7 +5,8 @@ position is computed), N = image_tokens + text_tokens, width d, FFN width f, E e
 
 - patch projection: 2 · patches · (3 · patch²) · d (a matmul; token-embedding lookups are not counted)
 - per layer, attention: 2 · N · d · 3d (qkv) + 2 · N · d · d (output) + 2 · N² · d (scores) + 2 · N² · d (values)
-- per multiway layer: 2 · N · 2df (each token passes one of the two FFNs)
+- per multiway layer: 2 · N · 2df (each token passes one of the two FFNs); a layer with a VL-FFN of width g passes
+  the tokens of a joint image-text sequence through it instead: 2 · N · 2dg
 - per MoE layer: 2 · N · dE (router) + k · 2 · N · 2df (the k experts a token is routed to, as if none is
   dropped: capacity drops and empty capacity slots are not counted)
 - heads: 2 · masked_patches · d · (3 · patch²) + 2 · masked_text · d · V (applied to masked positions only)
@@ -30,7 +31,9 @@ def forward_flops(config: EVEConfig, image_tokens: int, text_tokens: int, masked
     feed_forward = 2.0 * tokens * 2 * d * f
     router = 2.0 * tokens * d * config.num_experts
     num_moe = len(config.moe_layers)
-    flops += config.num_layers * attention + (config.num_layers - num_moe) * feed_forward
+    num_vl = len(config.vl_ffn_layers) if image_tokens and text_tokens else 0
+    flops += config.num_layers * attention + (config.num_layers - num_moe - num_vl) * feed_forward
+    flops += num_vl * 2.0 * tokens * 2 * d * config.vl_ffn_width
     flops += num_moe * (router + config.top_k * feed_forward)
     if with_heads:
         flops += 2.0 * masked_patches * d * pixels + 2.0 * masked_text * d * config.vocab_size

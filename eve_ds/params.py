@@ -15,7 +15,8 @@ def parameter_counts(config: EVEConfig, with_heads: bool = True, objectives=("ms
     pre-training ``objectives`` (``objectives.PretrainingModel``) unless not ``with_heads``.
 
     A token activates the shared weights, one of the two multiway FFNs (and its norm) of an ordinary
-    layer, and ``top_k`` experts of an MoE layer (plus its norm and the router).
+    layer, ``top_k`` experts of an MoE layer (plus its norm and the router), and, in a joint image-text sequence,
+    the VL-FFN (and its norm) of a layer that has one.
     """
     width, ffn = config.hidden_size, config.ffn_hidden_size
     linear = lambda fan_in, fan_out: fan_in * fan_out + fan_out  # noqa: E731
@@ -23,7 +24,7 @@ def parameter_counts(config: EVEConfig, with_heads: bool = True, objectives=("ms
     layer_norm = 2 * width
     attention = 3 * width * width + 2 * width + linear(width, width)  # qkv without bias, q and v biases, proj
     shared_per_layer = layer_norm + attention + 2 * width  # norm1, attention, layer-scale gammas
-    router = config.num_experts * width + 2 * width  # gate weight + vision/text router embeddings
+    router = config.num_experts * width + 2 * width * config.modality_aware_routing  # gate weight, vision/text embeddings
 
     embeddings = (config.in_channels * config.patch_size**2 * width + width  # patch projection
                   + width + config.num_image_tokens * width + width  # image CLS, positions, mask embedding
@@ -38,6 +39,9 @@ def parameter_counts(config: EVEConfig, with_heads: bool = True, objectives=("ms
     num_multiway = config.num_layers - num_moe
     multiway = 2 * (layer_norm + feed_forward)  # a norm and an FFN per modality
     moe = layer_norm + router  # + experts
-    total = common + num_multiway * multiway + num_moe * (moe + config.num_experts * feed_forward)
-    activated = common + num_multiway * multiway // 2 + num_moe * (moe + config.top_k * feed_forward)
+    num_vl = len(config.vl_ffn_layers)
+    vl_ffn = layer_norm + linear(width, config.vl_ffn_width) + linear(config.vl_ffn_width, width)
+    total = common + num_multiway * multiway + num_vl * vl_ffn + num_moe * (moe + config.num_experts * feed_forward)
+    activated = (common + (num_multiway - num_vl) * multiway // 2 + num_vl * vl_ffn
+                 + num_moe * (moe + config.top_k * feed_forward))
     return ParameterCounts(total, activated)

@@ -22,7 +22,7 @@ from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, HeldModel
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
-from eve_ds.config import ConfigError, EVEConfig, preset
+from eve_ds.config import PRESETS, ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.sources import check_source_exists
 from eve_ds.data.stream import REASONS, validation_batches
@@ -48,7 +48,10 @@ DEFAULT_DATA = REPO_ROOT / "data/shapes/shards/{00000..00003}.tar"
 def parse_args(argv=None):
     parser = ArgumentParser(description="Pre-train EVE (by masked signal modeling, or other --objectives) with "
                                         "DeepSpeed.")
-    parser.add_argument("--model", default="eve-tiny", help="preset: eve-tiny, eve-base or eve-large")
+    parser.add_argument("--model", default="eve-tiny", help=f"preset: {', '.join(PRESETS)}")
+    parser.add_argument("--model-setting", action="append", default=[], metavar="KEY=VALUE",
+                        help="changes a key of the preset's config (repeatable), e.g. vl_ffn_layers=2,3 "
+                             "moe_layers= or modality_aware_routing=false")
     parser.add_argument("--data", nargs="+", default=[str(DEFAULT_DATA)], metavar="SOURCE",
                         help="tar shards (a brace pattern such as 'cc3m/{00000..00331}.tar', a folder or a file, "
                              "counted by the index.json beside them) or a JSONL manifest; several are mixed by "
@@ -162,6 +165,17 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
                                 for key, (mine, theirs) in requested.differences(saved).items())
         raise ConfigError(f"{source} was written for another model configuration: {differences}")
     return requested
+
+
+def describe_ffn_layers(config: EVEConfig) -> str:
+    parts = []
+    if config.moe_layers:
+        routing = ("plain routing" if not config.modality_aware_routing else "routing embedding to the " +
+                   ("router and experts" if config.routing_embedding_to_experts else "router only"))
+        parts.append(f"{config.num_experts} experts in layers {list(config.moe_layers)}, {routing}")
+    if config.vl_ffn_layers:
+        parts.append(f"VL-FFN of width {config.vl_ffn_width} in layers {list(config.vl_ffn_layers)}")
+    return "; ".join(parts) or "multiway FFNs only"
 
 
 def resumed_objectives(requested: dict, held, source) -> dict:
@@ -293,13 +307,13 @@ def main(argv=None, stop: StopRequest = None):
     args = parse_args(argv)
     rank, world_size = distributed_env()
     tokenizer = TextTokenizer(args.tokenizer, preset(args.model).max_text_len, args.special_token)
-    config = preset(args.model).replace(vocab_size=tokenizer.vocab_size)
+    config = preset(args.model).replace(vocab_size=tokenizer.vocab_size).with_settings(args.model_setting)
     if args.routing_embedding_to_experts is not None:
         config = config.replace(routing_embedding_to_experts=args.routing_embedding_to_experts)
     if args.position_init is not None:
         config = config.replace(position_init=args.position_init)
     masking = MaskingConfig(args.image_mask_ratio, args.image_masking, args.text_mask_ratio)
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, args.steps,
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.routed_experts, args.steps,
                                                    expert_parallel_size=args.expert_parallel_size)
     ep_size = parallelism.expert_parallel_size
     layout = run_layout(world_size, ep_size, ds_config)
@@ -354,12 +368,10 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
         load_weights(model, universal.weights.renamed(placement.global_names(model)), args.resume_from)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config, objectives=args.objectives)
-    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %d experts in layers %s, routing "
-                "embedding to the %s; ZeRO stage %d, expert-parallel size %d, activation checkpointing %s; "
-                "objectives %s", args.model, counts.total / 1e6, counts.activated / 1e6, config.num_experts,
-                list(config.moe_layers), "router and experts" if config.routing_embedding_to_experts else "router only",
-                zero_stage(ds_config), ep_size, "on" if parallelism.activation_checkpointing else "off",
-                describe_objectives(args.objectives))
+    logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %s; ZeRO stage %d, expert-parallel "
+                "size %d, activation checkpointing %s; objectives %s", args.model, counts.total / 1e6,
+                counts.activated / 1e6, describe_ffn_layers(config), zero_stage(ds_config), ep_size,
+                "on" if parallelism.activation_checkpointing else "off", describe_objectives(args.objectives))
     engine, _ = initialize(model, ds_config, placement)
 
     start_step, saved_position = 0, None

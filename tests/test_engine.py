@@ -84,3 +84,10 @@ def test_param_groups_split_experts_and_exempt_norms_from_decay():
             assert not any(n.endswith(("bias", "gamma1", "norm.weight", "modality_embed", "token_embed.weight"))
                            for n in group_names)
     assert any(g.get("moe") and g["weight_decay"] == 0.05 for g in groups)
+
+
+def test_a_model_without_moe_layers_refuses_expert_parallelism():
+    with pytest.raises(ConfigError, match="has no MoE layers whose experts it could place; set it to 1"):
+        load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", 2, preset("vlmo-tiny").routed_experts, 10)
+    _, options = load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", 2, 0, 10, expert_parallel_size=1)
+    assert options.expert_parallel_size == 1

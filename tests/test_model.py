@@ -4,6 +4,7 @@ import torch
 from eve_ds.config import ConfigError, EVEConfig, PRESETS, preset
 from eve_ds.model import EVE, ExpertPlacement
 from eve_ds.objectives import PretrainingModel
+from eve_ds.flops import forward_flops
 from eve_ds.params import parameter_counts
 
 
@@ -188,3 +189,76 @@ def test_final_norm_is_the_last_step():
     unnormed, unnormed_aux_loss = model.encode_image(images, final_norm=False)
     torch.testing.assert_close(model.norm(unnormed), normed)
     assert (unnormed - normed).abs().max() > 0.1 and aux_loss == unnormed_aux_loss
+
+
+def test_model_settings_are_read_as_their_keys_types():
+    config = preset("eve-tiny").with_settings(["moe_layers=", "vl_ffn_layers=2,3", "vl_ffn_hidden_size=1024",
+                                               "modality_aware_routing=False", "capacity_factor=1.5"])
+    assert (config.moe_layers, config.vl_ffn_layers, config.vl_ffn_width) == ((), (2, 3), 1024)
+    assert config.modality_aware_routing is False and config.capacity_factor == 1.5
+    assert preset("eve-tiny").with_settings([]) == preset("eve-tiny")
+    for setting, message in [("experts=4", "not KEY=VALUE"), ("num_layers", "not KEY=VALUE"),
+                             ("num_layers=four", "'four' is not a int"), ("modality_aware_routing=1", "not a bool"),
+                             ("vl_ffn_layers=3", "'vl_ffn_layers'")]:  # layer 3 is an MoE layer of eve-tiny
+        with pytest.raises(ConfigError, match=message):
+            preset("eve-tiny").with_settings([setting])
+
+
+def test_vlmo_presets_have_vlmo_sizes_and_no_moe():
+    for name, layers, width, vl_layers in [("vlmo-base", 12, 768, (10, 11)), ("vlmo-large", 24, 1024, (21, 22, 23))]:
+        config = preset(name)
+        assert (config.num_layers, config.hidden_size, config.ffn_hidden_size) == (layers, width, 4 * width)
+        assert config.vl_ffn_layers == vl_layers and config.moe_layers == () and config.routed_experts == 0
+    # VLMo-Base without its heads and relative position bias: the paper's 175M less BEiT's rel-pos tables, with a
+    # 64k vocabulary where VLMo's is BERT's 30k (the text embeddings differ by 34k x 768 = 26M).
+    counts = parameter_counts(preset("vlmo-base"), with_heads=False)
+    assert 170e6 < counts.total + (30522 - 64000) * 768 < 180e6
+
+
+def test_vl_ffn_takes_the_joint_sequence_and_an_image_or_text_alone_its_own_ffn():
+    config = preset("vlmo-tiny")
+    torch.manual_seed(0)
+    model = EVE(config)
+    inputs = batch(config)
+    used = {}
+    for name, run in [("joint", lambda: model(inputs["images"], inputs["text_ids"], inputs["text_padding_mask"])),
+                      ("image", lambda: model.encode_image(inputs["images"])),
+                      ("text", lambda: model.encode_text(inputs["text_ids"], inputs["text_padding_mask"]))]:
+        model.zero_grad(set_to_none=True)
+        hidden, aux_loss = run()
+        assert float(aux_loss) == 0.0
+        hidden.sum().backward()
+        ffn = model.blocks[3].ffn
+        used[name] = {part for part in ("vision", "text", "vision_language")
+                      if getattr(ffn, part).fc1.weight.grad is not None and getattr(ffn, part).fc1.weight.grad.any()}
+        assert not hasattr(model.blocks[1].ffn, "vision_language")
+    assert used == {"joint": {"vision_language"}, "image": {"vision"}, "text": {"text"}}
+
+
+def test_plain_routing_routes_by_the_hidden_state_alone():
+    inputs = torch.randn(6, preset("eve-tiny").hidden_size)
+    modality_ids = torch.tensor([0, 0, 0, 1, 1, 1])
+    for aware in (True, False):
+        torch.manual_seed(0)
+        model = EVE(preset("eve-tiny").replace(modality_aware_routing=aware)).eval()  # no sampled second expert
+        gate = model.moe_layers()[0].gate
+        assert hasattr(gate, "modality_embed") == aware
+        with torch.no_grad():
+            if aware:
+                gate.modality_embed.normal_()
+            same_state = inputs[[0, 1, 2, 0, 1, 2]]  # text tokens with the image tokens' hidden states
+            hidden = model.moe_layers()[0](same_state.unsqueeze(0), modality_ids.unsqueeze(0))[0][0]
+        assert torch.allclose(hidden[:3], hidden[3:]) != aware
+    counts = parameter_counts(preset("eve-tiny").replace(modality_aware_routing=False))
+    assert counts.total == parameter_counts(preset("eve-tiny")).total - 2 * 2 * 128
+
+
+def test_a_vl_ffn_of_twice_the_width_activates_the_flops_of_top_2_experts():
+    eve = preset("eve-tiny")
+    vlmo = preset("vlmo-tiny").replace(vl_ffn_hidden_size=2 * eve.ffn_hidden_size)
+    router = 2.0 * (eve.num_image_tokens + eve.max_text_len) * eve.hidden_size * eve.num_experts
+    joint = forward_flops(eve, eve.num_image_tokens, eve.max_text_len, with_heads=False)
+    assert forward_flops(vlmo, eve.num_image_tokens, eve.max_text_len, with_heads=False) == joint - 2 * router
+    # alone, an image takes the vision FFN (one expert's width) in VLMo's top layers, and still two experts in EVE's
+    image = eve.num_image_tokens
+    assert forward_flops(vlmo, image, 0, with_heads=False) < forward_flops(eve, image, 0, with_heads=False)

@@ -247,6 +247,10 @@ def export_released(consolidated_dir, out_file) -> HeldModel:
     if mismatch:
         raise CheckpointError("\n".join([f"{consolidated_dir}: the weights do not fit {held.describe()} of its "
                                           "config:", *mismatch]))
+    if config.vl_ffn_layers or not config.modality_aware_routing:
+        raise CheckpointError(f"{consolidated_dir}: the model has "
+                              f"{'VL-FFN layers' if config.vl_ffn_layers else 'routing without modality embeddings'}, "
+                              "which the authors' EVE layout cannot hold")
     if not config.routing_embedding_to_experts:
         raise CheckpointError(f"{consolidated_dir}: the model adds the routing embedding to the router's input "
                               "only (routing_embedding_to_experts false); the authors' code adds it to the experts' "

@@ -232,7 +232,7 @@ def start(args) -> Setup:
 def fine_tuning_deepspeed_config(args, world_size: int, config, global_batch: int) -> tuple:
     """The DeepSpeed config and eve-ds options, without its "scheduler": the recipe's schedule
     (``optim.lr_scheduler``) replaces it, keeping the new parameters' multiplier, so its lengths do not matter."""
-    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.num_experts, 1,
+    ds_config, parallelism = load_deepspeed_config(args.deepspeed_config, world_size, config.routed_experts, 1,
                                                    global_batch, args.expert_parallel_size)
     if ds_config["train_batch_size"] != global_batch:
         raise ConfigError(f"{args.deepspeed_config}: micro batch {ds_config['train_micro_batch_size_per_gpu']} x "

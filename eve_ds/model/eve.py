@@ -67,16 +67,23 @@ class DropPath(nn.Module):
 
 class MultiwayFFN(nn.Module):
     """Modality-specific pre-norm FFNs (as in VLMo): image tokens go through ``vision_norm`` and ``vision``,
-    text tokens through ``text_norm`` and ``text``."""
+    text tokens through ``text_norm`` and ``text``. With ``vl_ffn_hidden_size`` the layer also has VLMo's
+    vision-language FFN, which takes every token of a joint image-text sequence; an image or a text alone still
+    takes its own FFN."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, eps: float):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, eps: float, vl_ffn_hidden_size: int = 0):
         super().__init__()
         self.vision_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.vision = FeedForward(hidden_size, ffn_hidden_size)
         self.text_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.text = FeedForward(hidden_size, ffn_hidden_size)
+        if vl_ffn_hidden_size:
+            self.vision_language_norm = nn.LayerNorm(hidden_size, eps=eps)
+            self.vision_language = FeedForward(hidden_size, vl_ffn_hidden_size)
 
     def forward(self, x, num_image_tokens: int):
+        if hasattr(self, "vision_language") and 0 < num_image_tokens < x.shape[1]:
+            return self.vision_language(self.vision_language_norm(x))
         image, text = x[:, :num_image_tokens], x[:, num_image_tokens:]
         return torch.cat([self.vision(self.vision_norm(image)), self.text(self.text_norm(text))], dim=1)
 
@@ -84,7 +91,7 @@ class MultiwayFFN(nn.Module):
 class MultiwayBlock(nn.Module):
 
     def __init__(self, config: EVEConfig, drop_path: float, use_moe: bool, placement: ExpertPlacement,
-                 init_seed: int = None):
+                 init_seed: int = None, use_vl_ffn: bool = False):
         super().__init__()
         width = config.hidden_size
         self.norm1 = nn.LayerNorm(width, eps=config.layer_norm_eps)
@@ -96,9 +103,10 @@ class MultiwayBlock(nn.Module):
                                         eval_capacity_factor=config.eval_capacity_factor,
                                         min_capacity=config.min_capacity, init_std=config.init_std,
                                         routing_embedding_to_experts=config.routing_embedding_to_experts,
-                                        init_seed=init_seed)
+                                        modality_aware=config.modality_aware_routing, init_seed=init_seed)
         else:
-            self.ffn = MultiwayFFN(width, config.ffn_hidden_size, config.layer_norm_eps)
+            self.ffn = MultiwayFFN(width, config.ffn_hidden_size, config.layer_norm_eps,
+                                   vl_ffn_hidden_size=config.vl_ffn_width if use_vl_ffn else 0)
         self.gamma1 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
         self.gamma2 = nn.Parameter(torch.full((width, ), config.layer_scale_init))
         self.drop_path = DropPath(drop_path)
@@ -142,7 +150,8 @@ class EVE(nn.Module):
         drop_rates = [config.drop_path_rate * i / max(config.num_layers - 1, 1) for i in range(config.num_layers)]
         self.blocks = nn.ModuleList(
             MultiwayBlock(config, drop_rates[i], use_moe=i in config.moe_layers, placement=placement,
-                          init_seed=fresh_seed(generator) if i in config.moe_layers else None)
+                          init_seed=fresh_seed(generator) if i in config.moe_layers else None,
+                          use_vl_ffn=i in config.vl_ffn_layers)
             for i in range(config.num_layers))
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.activation_checkpointing = False

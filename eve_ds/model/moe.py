@@ -2,7 +2,8 @@
 
 EVE's router sees ``h + e_vision`` for image tokens and ``h + e_text`` for text tokens. As in the
 authors' released code, the experts compute on that same sum, FFN(h + e_modality); with
-``routing_embedding_to_experts=False`` they see ``h`` and only the router gets the embedding.
+``routing_embedding_to_experts=False`` they see ``h`` and only the router gets the embedding; with
+``modality_aware=False`` there is no embedding (plain top-k routing, an ablation).
 DeepSpeed's ``MOELayer`` routes and dispatches one tensor, and it forwards its second input untouched to
 the gate (``used_token``, which top-2 gating ignores), so the per-token modality ids travel through that
 channel; in the router-only variant the gate adds the embedding to its own input.
@@ -70,13 +71,18 @@ class ExpertPlacement:
 
 class ModalityAwareGate(TopKGate):
     """Top-k gate whose router input is the hidden state plus a learned per-modality embedding; with
-    ``input_has_embedding`` the layer has added the embedding already (the experts see it too)."""
+    ``input_has_embedding`` the layer has added the embedding already (the experts see it too), and without
+    ``modality_aware`` there is none."""
     normal_init_parameters = ("modality_embed", )
 
-    def __init__(self, hidden_size: int, num_experts: int, input_has_embedding: bool, **gate_kwargs):
+    def __init__(self, hidden_size: int, num_experts: int, input_has_embedding: bool, modality_aware: bool = True,
+                 **gate_kwargs):
         super().__init__(hidden_size, num_experts, **gate_kwargs)
-        self.input_has_embedding = input_has_embedding
-        self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, hidden_size))
+        self.input_has_embedding = input_has_embedding or not modality_aware
+        if modality_aware:
+            self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, hidden_size))
+        else:
+            self.normal_init_parameters = ()
         # [modality, expert] routed-token counts of the last forward, for logging only.
         # Integer counts: a bf16 engine casts floating buffers, and bf16 cannot count past 256.
         self.register_buffer("expert_load", torch.zeros(NUM_MODALITIES, num_experts, dtype=torch.long),
@@ -164,14 +170,15 @@ class ModalityAwareMoE(nn.Module):
 
     def __init__(self, hidden_size: int, make_expert, placement: ExpertPlacement, k: int = 2,
                  capacity_factor: float = 1.0, eval_capacity_factor: float = 1.0, min_capacity: int = 4,
-                 init_std: float = 0.02, routing_embedding_to_experts: bool = True, init_seed: int = None):
+                 init_std: float = 0.02, routing_embedding_to_experts: bool = True, modality_aware: bool = True,
+                 init_seed: int = None):
         nn.Module.__init__(self)  # not super(): EngineManagedMoE puts DeepSpeed's MoE next in line
         num_experts, ep_size = placement.num_experts, placement.ep_size
         self.num_experts, self.ep_size = num_experts, ep_size
         self.num_local_experts = placement.num_local_experts
         self.expert_group_name = f"ep_size_{ep_size}"
-        self.routing_embedding_to_experts = routing_embedding_to_experts
-        gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, k=k,
+        self.routing_embedding_to_experts = routing_embedding_to_experts and modality_aware
+        gate = ModalityAwareGate(hidden_size, num_experts, routing_embedding_to_experts, modality_aware, k=k,
                                  capacity_factor=capacity_factor,
                                  eval_capacity_factor=eval_capacity_factor, min_capacity=min_capacity,
                                  noisy_gate_policy=None, drop_tokens=True, use_rts=True, top2_2nd_expert_sampling=True)
@@ -194,7 +201,7 @@ class ModalityAwareMoE(nn.Module):
             tag_for_expert_partitioning(experts.parameters(), self.expert_group_name)
             gate.wg.weight.convert_to_zero_parameters(list(experts.parameters()))
         self.deepspeed_moe = MOELayer(gate, experts, self.expert_group_name, ep_size, self.num_local_experts)
-        if routing_embedding_to_experts:
+        if self.routing_embedding_to_experts:
             # This layer reads the gate's embedding outside the gate's forward: ZeRO-3 must gather it here too.
             register_external_parameter(self, gate.modality_embed)
 
