@@ -301,24 +301,26 @@ def finetune_all(args, world: dict) -> dict:
     return results
 
 
-def pretraining_masking(args):
-    """The masking settings of the benchmark's pre-training (launch/pretrain.py's defaults and --pretrain-args)."""
-    from eve_ds.objectives import MaskingConfig
+def pretraining_options(args):
+    """The options of the benchmark's pre-training (launch/pretrain.py's defaults and --pretrain-args)."""
     from eve_ds.pretrain import parse_args as pretrain_options
 
-    options = pretrain_options(["--deepspeed_config", args.pretrain_config, *args.pretrain_args.split()])
-    return MaskingConfig(options.image_mask_ratio, options.image_masking, options.text_mask_ratio)
+    return pretrain_options(["--deepspeed_config", args.pretrain_config, *args.pretrain_args.split()])
 
 
-def grounding_probe(args) -> dict:
+def grounding_probe(args):
     """benchmarks/grounding.py on every point and on the random weights of the first seed, with the pre-training's
-    share of masked patches (the masks it was trained to read past): {condition: {kind: {"own", "other", "tokens"}}}."""
+    share of masked patches (the masks it was trained to read past): {condition: {kind: {"own", "other", "tokens"}}};
+    None where the pre-training has no masked signal modeling heads to probe with."""
     from benchmarks.grounding import grounding
 
     path = args.out / "grounding.json"
     if path.is_file():
         return json.loads(path.read_text())
-    ratio = pretraining_masking(args).image_mask_ratio
+    options = pretraining_options(args)
+    if "msm" not in options.objectives:
+        return None
+    ratio = options.image_mask_ratio
     rows = {condition: grounding(scratch_weights(args, args.seeds[0]) if condition == SCRATCH else
                                  args.out / "weights" / condition, args.world_seed, image_mask_ratio=ratio)
             for condition, _ in conditions(args)}
@@ -340,9 +342,11 @@ def blind_level(world: dict, task: str):
     return 100 * (1 + 5 + 10) / 3 / images if task == "retrieval" and images else None
 
 
-def probe_table(probe: dict) -> str:
+def probe_table(probe) -> str:
     from benchmarks.grounding import table as grounding_table
 
+    if probe is None:
+        return "No grounding probe: the pre-training has no masked signal modeling heads (--objectives without msm)."
     return (f"Masked words of new scenes, top-1 % with the scene's own image / another scene's "
             f"(benchmarks/grounding.py, {probe['image_mask_ratio']:.0%} of the image masked):\n\n"
             + grounding_table(probe["rows"]))

@@ -49,9 +49,16 @@ def training_flops(config: EVEConfig, image_tokens: int, text_tokens: int, maske
 def batch_training_flops(config: EVEConfig, batch: dict, objectives=("msm", )) -> float:
     """Activated FLOPs of forward and backward for a pre-training micro-batch under ``objectives`` (its masks count
     what the heads see): msm and mlm a joint pass each, itc an image-only and a text-only pass, itm three joint
-    passes."""
-    size, text_len = batch["text_ids"].shape
+    passes; a micro-batch of an image-only or text-only source one pass of its modality
+    (``objectives.PretrainingModel``)."""
     image_tokens = config.num_image_tokens
+    if "text_ids" not in batch:
+        size = len(batch["images"])
+        return size * training_flops(config, image_tokens, 0, float(batch["image_mask"].sum()) / size)
+    size, text_len = batch["text_ids"].shape
+    if "images" not in batch:
+        labels = batch["mlm_text_labels" if "mlm" in objectives else "text_labels"]
+        return size * training_flops(config, 0, text_len, 0.0, float((labels != IGNORE_INDEX).sum()) / size)
     flops = 0.0
     if "msm" in objectives:
         flops += training_flops(config, image_tokens, text_len, float(batch["image_mask"].sum()) / size,

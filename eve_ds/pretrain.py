@@ -24,7 +24,7 @@ from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
 from eve_ds.config import PRESETS, ConfigError, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
-from eve_ds.data.sources import check_source_exists
+from eve_ds.data.sources import check_source_exists, split_modality
 from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.data.tokenizer import role_and_token
 from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
@@ -33,7 +33,7 @@ from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
 from eve_ds.objectives import (DEFAULT_OBJECTIVES, MaskingConfig, PretrainingModel, describe_objectives, loss_names,
                                parse_objectives)
-from eve_ds.objectives.pretraining import MLM_MASK_RATIO
+from eve_ds.objectives.pretraining import MLM_MASK_RATIO, check_modalities
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
 from eve_ds.trainer import (Job, Loop, RunLog, all_reduce, distributed_env, on_rank_zero, run_folder_held,
@@ -129,6 +129,7 @@ def parse_args(argv=None):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must lie between 0 and 1, got {getattr(args, name)}")
     args.objectives = parse_objectives(args.objectives)  # one sentence (a UsageError) for a bad list
+    check_modalities(args.objectives, {split_modality(spec)[0] for spec in args.data})
     if args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
     for spec in args.data + [args.val_data] * bool(args.val_data):
@@ -145,7 +146,7 @@ def parse_args(argv=None):
 
 
 def default_tokenizer(source: str) -> Path:
-    folder = Path(source.removeprefix("file://")).parent
+    folder = Path(split_modality(source)[1].removeprefix("file://")).parent
     beside = folder / "tokenizer.json"
     return beside if beside.is_file() or not (folder.parent / "tokenizer.json").is_file() else folder.parent / "tokenizer.json"
 
@@ -210,8 +211,11 @@ def validate(engine, batches, patch_size: int, objectives: dict, first_batch: li
     sums = torch.zeros(2 * len(names), device=engine.device, dtype=torch.float64)  # loss x count, count per name
     for index, batch in enumerate(batches):
         padded = bool(batch.pop("padding").any())
-        counts = {"image_loss": batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1],
-                  "text_loss": (batch["text_labels"] != IGNORE_INDEX).sum()}
+        counts = {}  # the masked pixel values or tokens of each loss; a batch without images or texts has none
+        if "image_mask" in batch:
+            counts["image_loss"] = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
+        if "text_labels" in batch:
+            counts["text_loss"] = (batch["text_labels"] != IGNORE_INDEX).sum()
         if "mlm_text_labels" in batch:
             counts["mlm_loss"] = (batch["mlm_text_labels"] != IGNORE_INDEX).sum()
         keep = first_batch is not None and index == 0
@@ -220,12 +224,15 @@ def validate(engine, batches, patch_size: int, objectives: dict, first_batch: li
         if keep:
             first_batch.append((batch, predictions))
         for place, name in enumerate(names):
+            if name not in outputs:
+                continue
             count = float(counts.get(name, 0.0 if padded else 1.0))
             sums[2 * place] += float(outputs[name]) * count
             sums[2 * place + 1] += count
     engine.train()
     totals = all_reduce(sums).tolist()
-    return {f"val_{name}": totals[2 * place] / max(totals[2 * place + 1], 1) for place, name in enumerate(names)}
+    return {f"val_{name}": totals[2 * place] / totals[2 * place + 1] for place, name in enumerate(names)
+            if totals[2 * place + 1] > 0}
 
 
 def describe_skipped(problems: Counter) -> str:
@@ -247,9 +254,12 @@ class PretrainingJob(Job):
 
     def inputs(self, batch: dict) -> tuple:
         skipped = self.position.consume(batch)
-        size = len(batch["text_ids"])
         config = self.config
-        counts = {"samples": size, "tokens": batch["text_padding_mask"].sum() + size * config.num_image_tokens,
+        size = len(batch["images"] if "images" in batch else batch["text_ids"])
+        tokens = size * config.num_image_tokens if "images" in batch else 0
+        if "text_padding_mask" in batch:
+            tokens = tokens + batch["text_padding_mask"].sum()
+        counts = {"samples": size, "tokens": tokens,
                   "flops": batch_training_flops(config, batch, self.objectives), **skipped}
         return batch, counts
 
@@ -262,7 +272,7 @@ class PretrainingJob(Job):
         if self.validation is not None and (step % self.args.val_interval == 0 or step == self.args.steps):
             batches = validation_batches(self.validation, self.validation_samples, dist.get_rank(), self.world_size,
                                          self.position.stream.micro_batch, self.args.seed, Counter())
-            first_batch = [] if dist.get_rank() == 0 else None
+            first_batch = [] if dist.get_rank() == 0 and self.validation.modality == "pairs" else None
             validation = validate(self.engine, batches, self.config.patch_size, self.objectives, first_batch)
             record.update(validation)
             if dist.get_rank() == 0:

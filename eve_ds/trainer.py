@@ -257,7 +257,10 @@ class Loop:
         step_times, count_names, bad_steps = [], None, 0
         for step in range(start_step + 1, self.steps + 1):
             started = time.perf_counter()
-            losses, counts, loads = torch.zeros(len(job.loss_names), device=device, dtype=torch.float64), None, None
+            # per loss: its sum over micro-batches, and how many micro-batches computed it (a micro-batch of a
+            # unimodal source computes some of them only)
+            num_losses = len(job.loss_names)
+            losses, counts, loads = torch.zeros(2 * num_losses, device=device, dtype=torch.float64), None, None
             data_wait, lr, skipped_before = 0.0, engine.get_lr()[0], engine.skipped_steps
             for micro_step in range(self.accumulation):
                 waiting = time.perf_counter()
@@ -276,16 +279,20 @@ class Loop:
                 outputs = engine(**inputs)
                 engine.backward(outputs[job.loss_names[0]])
                 engine.step()
-                losses += torch.stack([outputs[name].detach().double() for name in job.loss_names]) / self.accumulation
+                for place, name in enumerate(job.loss_names):
+                    if name in outputs:
+                        losses[place] += outputs[name].detach().double()
+                        losses[num_losses + place] += 1
                 micro_loads = tuple(moe.gate.expert_load.clone() for moe in engine.module.encoder.moe_layers())
                 loads = micro_loads if loads is None else tuple(a + b for a, b in zip(loads, micro_loads))
             totals = all_reduce(torch.cat([losses, counts.to(device)]))
             step_time = time.perf_counter() - started
             step_times.append(step_time)
-            step_losses = (totals[:len(job.loss_names)] / world_size).tolist()
-            step_counts = dict(zip(count_names, totals[len(job.loss_names):].tolist()))
+            step_losses = {name: float(totals[place] / totals[num_losses + place])
+                           for place, name in enumerate(job.loss_names) if totals[num_losses + place] > 0}
+            step_counts = dict(zip(count_names, totals[2 * num_losses:].tolist()))
             grad_norm = engine.get_global_grad_norm()
-            record = {"step": step, **dict(zip(job.loss_names, step_losses)), "lr": lr,
+            record = {"step": step, **step_losses, "lr": lr,
                       "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                       "step_skipped": engine.skipped_steps > skipped_before,
                       "samples_per_s": step_counts["samples"] / step_time, "step_time_s": step_time,
@@ -300,7 +307,7 @@ class Loop:
                 record["expert_load"] = summarize_expert_load(self.moe_layers, [all_reduce(load) for load in loads])
                 if is_main:
                     losses_said = "  ".join(f"{name.removesuffix('_loss')} {value:.4f}"
-                                            for name, value in zip(job.loss_names, step_losses))
+                                            for name, value in step_losses.items())
                     progress.write(f"step {step}/{self.steps}  {losses_said}  lr {record['lr']:.2e}  grad_norm "
                                    f"{record['grad_norm']:.3f}  {record['samples_per_s']:.1f} samples/s  "
                                    f"{job.console(record)}{step_time:.3f} s/step, "
@@ -308,7 +315,7 @@ class Loop:
                                    f"{engine.skipped_steps} optimizer steps skipped")
             self.run_log.write(record)
             progress.update(1)
-            progress.set_postfix(loss=f"{step_losses[0]:.3f}")
+            progress.set_postfix(loss=f"{record['loss']:.3f}")
             if bad_steps >= self.max_bad_steps > 0:
                 latest = self.checkpoints.dir / "latest"
                 kept = (f"the newest checkpoint, {self.checkpoints.dir / latest.read_text().strip()}, is from "

@@ -207,3 +207,60 @@ def test_the_contrastive_heads_a_pre_training_trained_seed_the_retrieval_jobs(tm
                     CONFIG, held=HeldModel("pretraining", {"objectives": {"msm": 1.0, "itc": 1.0}}))
     assert RetrievalModel.from_pretrained(tmp_path / "itc").new_parameter_names() == {"itm_head.weight",
                                                                                       "itm_head.bias"}
+
+
+def test_unimodal_batches_train_masked_modeling_through_the_unimodal_encodings():
+    torch.manual_seed(0)
+    model = PretrainingModel(CONFIG, objectives={"msm": 2.0, "itc": 1.0}).eval()
+    inputs = pretraining_batch()
+    images, mask = inputs["images"], inputs["image_mask"]
+    outputs = model(images=images, image_mask=mask)
+    hidden, aux = model.encoder.encode_image(images, mask)
+    prediction = model.image_head(hidden[:, 1:][mask])
+    image_loss = F.mse_loss(prediction, normalized_pixel_targets(images, CONFIG.patch_size)[mask])
+    torch.testing.assert_close(outputs["image_loss"], image_loss)
+    torch.testing.assert_close(outputs["loss"], 2.0 * image_loss + CONFIG.aux_loss_weight * aux)
+    assert set(outputs) == {"loss", "aux_loss", "image_loss"}
+
+    text = {key: inputs[key] for key in ("text_ids", "text_labels", "text_padding_mask")}
+    outputs = model(**text)
+    hidden, aux = model.encoder.encode_text(text["text_ids"], text["text_padding_mask"])
+    chosen = text["text_labels"] != IGNORE_INDEX
+    text_loss = F.cross_entropy(model.text_head(hidden[chosen]), text["text_labels"][chosen])
+    torch.testing.assert_close(outputs["text_loss"], text_loss)
+    assert set(outputs) == {"loss", "aux_loss", "text_loss"}
+
+    mlm = PretrainingModel(CONFIG, objectives={"mlm": 0.5}).eval()
+    outputs = mlm(**text, mlm_text_ids=inputs["mlm_text_ids"], mlm_text_labels=inputs["mlm_text_labels"])
+    hidden, aux = mlm.encoder.encode_text(inputs["mlm_text_ids"], text["text_padding_mask"])
+    chosen = inputs["mlm_text_labels"] != IGNORE_INDEX
+    mlm_loss = F.cross_entropy(mlm.text_head(hidden[chosen]), inputs["mlm_text_labels"][chosen])
+    torch.testing.assert_close(outputs["mlm_loss"], mlm_loss)
+    torch.testing.assert_close(outputs["loss"], 0.5 * mlm_loss + CONFIG.aux_loss_weight * aux)
+
+
+def test_a_pair_sample_is_its_image_part_and_text_part_with_the_same_draws():
+    samples = MaskedSamples(TextTokenizer(SHAPES / "tokenizer.json", 12), 32, 8, MaskingConfig(), objectives=("mlm", ))
+    data = (SHAPES / "images" / sorted(p.name for p in (SHAPES / "images").iterdir())[0]).read_bytes()
+    whole = samples.make(data, "a red circle", random.Random(3))
+    rng = random.Random(3)
+    parts = {**samples.make_image(data, rng), **samples.make_text("a red circle", rng)}
+    assert set(whole) == set(parts) and all(torch.equal(whole[key], parts[key]) for key in whole)
+
+
+@pytest.mark.parametrize("config", [CONFIG, preset("vlmo-tiny").replace(image_size=32, max_text_len=12)],
+                         ids=["eve", "vlmo"])
+def test_every_parameter_gets_a_gradient_from_every_kind_of_micro_batch(config):
+    """ZeRO-3 accumulates a micro-batch's gradients onto its buffers' old contents where a parameter had none in
+    the step's first micro-batch: an image-only or text-only micro-batch must give every parameter a gradient
+    (zeros for those it does not train)."""
+    torch.manual_seed(0)
+    model = PretrainingModel(config, objectives={"msm": 1.0, "itc": 1.0, "itm": 1.0, "mlm": 1.0})
+    inputs = pretraining_batch()
+    text_keys = ("text_ids", "text_labels", "text_padding_mask", "mlm_text_ids", "mlm_text_labels")
+    for kind, keys in [("pairs", tuple(inputs)), ("images", ("images", "image_mask")), ("texts", text_keys)]:
+        model.zero_grad(set_to_none=True)
+        model(**{key: inputs[key] for key in keys})["loss"].backward()
+        without = [name for name, parameter in model.named_parameters() if parameter.grad is None]
+        assert without == [], (kind, without)
+    assert not model.image_head.weight.grad.any()  # a text-only micro-batch does not train the image head

@@ -112,3 +112,51 @@ def test_resume_continues_the_same_loss_sequence(tmp_path, dirty_manifest, overr
         names = set(StoredWeights(tmp_path / "weights" / "model.safetensors"))
         assert {"itm_head.weight", "temperature", "text_head.weight", "image_projection.weight"} <= names
         assert "image_head.weight" not in names
+
+
+def unimodal_data(folder) -> tuple:
+    """``images:`` shards of 24 shipped images without captions, and a ``texts:`` corpus of 40 captions."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [json.loads(line) for line in (SHAPES / "manifest.jsonl").read_text().splitlines()[64:104]]
+    with tarfile.open(folder / "images.tar", "w") as archive:
+        for number, line in enumerate(lines[:24]):
+            payload = (SHAPES / line["image"]).read_bytes()
+            info = tarfile.TarInfo(f"{number:05d}.png")
+            info.size = len(payload)
+            archive.addfile(info, io.BytesIO(payload))
+    (folder / "corpus.jsonl").write_text("".join(json.dumps({"text": line["caption"]}) + "\n" for line in lines))
+    return f"images:{folder / 'images.tar'}", f"texts:{folder / 'corpus.jsonl'}"
+
+
+# A step whose first micro-batch is text-only and whose second holds pairs would, without the zero gradients that
+# unimodal passes give the parameters they do not use, add its image gradients to the previous step's under ZeRO-3
+# (the resumed run, with fresh buffers, then differs from the uninterrupted one from step 4 on).
+@pytest.mark.parametrize("overrides", [{}, ZERO3_EP_CHECKPOINTED], ids=["zero2_ep", "zero3_ep_checkpointed"])
+def test_unimodal_sources_train_and_resume_with_expert_parallelism(tmp_path, dirty_manifest, overrides):
+    """Pairs, images alone and texts alone mixed by micro-batch (two a step), each rank on the same modality at once:
+    the image-only and text-only encodings route through the expert-parallel MoE layers; a resume continues the
+    same losses."""
+    images, texts = unimodal_data(tmp_path / "unimodal")
+    steps, interrupted_at = 6, 3
+    ds_config = small_ds_config(**overrides, gradient_accumulation_steps=2)
+    args = ["--steps", steps, "--save-interval", interrupted_at, "--objectives", "msm,mlm", "--data", dirty_manifest,
+            images, texts, "--data-weights", 1, 1, 1, "--tokenizer", SHAPES / "tokenizer.json"]
+    full, log = launch_pretrain(tmp_path, tmp_path / "full", ds_config, *args)
+    assert f"data: {images}, 24 samples in 1 shards, weight 1" in log and f"data: {texts}, 40 lines, weight 1" in log
+    assert {"image_loss", "text_loss", "mlm_loss"} <= {key for record in full for key in record}
+    # a step of text-only micro-batches has no image loss, one of image-only ones no text loss
+    assert any("image_loss" not in record or "mlm_loss" not in record for record in full)
+    run = tmp_path / "interrupted"
+    shutil.copytree(tmp_path / "full", run)
+    shutil.rmtree(run / "checkpoints" / f"step_{steps:08d}")
+    (run / "checkpoints" / "latest").write_text(f"step_{interrupted_at:08d}")
+    resumed, log = launch_pretrain(tmp_path, run, ds_config, *args, "--resume")
+    assert "resumed from" in log
+    for before, after in zip(full[interrupted_at:], resumed[interrupted_at:]):
+        losses = [key for key in before if key.endswith("loss")]
+        assert losses == [key for key in after if key.endswith("loss")]
+        for key in losses + ["lr"]:
+            assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)

@@ -322,3 +322,95 @@ def test_resume_at_another_number_of_readers_when_readers_are_in_different_epoch
     for epoch in range(max(epochs_begun) + 1):
         keys = [key for key in seen if key.split(":")[1] == str(epoch)]
         assert len(keys) == 12 and all(seen[key] == 1 for key in keys), epoch
+
+
+def image_only_shards(folder, count: int) -> str:
+    """Shards of images without captions; sample 3 has a caption only (no image)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(folder / "00000.tar", "w") as archive:
+        for number, (image, _) in enumerate(shipped_pairs(count, first=50)):
+            put(archive, f"img{number:05d}", {"txt": b"no image"} if number == 3 else {"png": image.read_bytes()})
+    write_index(folder, {"00000.tar": count})
+    return f"images:{folder}/00000.tar"
+
+
+def text_corpus(path, count: int) -> str:
+    """A JSONL corpus of ``{"text": ...}`` lines; line 5 is malformed and line 6 has no text."""
+    lines = [json.dumps({"text": caption}) for _, caption in shipped_pairs(count, first=20)]
+    lines[5], lines[6] = "{not json", json.dumps({"title": "no text"})
+    path.write_text("\n".join(lines) + "\n")
+    return f"texts:{path}"
+
+
+def modality_of(batch: dict) -> str:
+    return "texts" if "images" not in batch else "images" if "text_ids" not in batch else "pairs"
+
+
+def test_unimodal_sources_give_micro_batches_of_one_modality_the_same_on_every_rank(tmp_path, samples, shard_set):
+    sources = [open_source(shard_set), open_source(image_only_shards(tmp_path / "images", 40)),
+               open_source(text_corpus(tmp_path / "corpus.jsonl", 60))]
+    assert [source.modality for source in sources] == ["pairs", "images", "texts"]
+    assert sources[2].name == f"texts:{tmp_path / 'corpus.jsonl'}" and sources[2].total == 60
+    ranks = loaders(sources, samples, 2, 2, weights=[2.0, 1.0, 1.0])
+    seen, problems = [[], []], Counter()
+    for _ in range(60):
+        for rank, (loader, position) in enumerate(ranks):
+            batch = next(loader)
+            modality = modality_of(batch)
+            seen[rank].append(modality)
+            assert {key.split(":")[0] for key in batch["keys"]} == {str(["pairs", "images", "texts"].index(modality))}
+            problems.update({reason: count for reason, count in position.consume(batch).items() if count})
+            if modality == "images":
+                assert set(batch) == {"images", "image_mask"} and batch["image_mask"].any()
+            if modality == "texts":
+                assert set(batch) == {"text_ids", "text_labels", "text_padding_mask"}
+                assert batch["text_ids"].shape == (MICRO_BATCH, 40)  # padded: every rank routes as many tokens
+    assert seen[0] == seen[1]  # ranks agree on every micro-batch's modality
+    counts = Counter(seen[0])
+    assert abs(counts["pairs"] / 60 - 0.5) < 0.2 and counts["images"] and counts["texts"]
+    assert problems["missing image"] >= 1 and problems["malformed line"] >= 1
+
+
+def test_resume_with_unimodal_sources_sees_exactly_the_uninterrupted_batches(tmp_path, samples, shard_set):
+    sources = [open_source(shard_set), open_source(text_corpus(tmp_path / "corpus.jsonl", 60))]
+
+    def keys(ranks, batches):
+        taken = [[] for _ in ranks]
+        for _ in range(batches):
+            for rank, (loader, position) in enumerate(ranks):
+                batch = next(loader)
+                taken[rank].append((modality_of(batch), tuple(batch["keys"]), batch["text_ids"][:, :6].tolist()))
+                position.consume(batch)
+        return taken
+
+    uninterrupted = keys(loaders(sources, samples, 2, 2), 15)
+    first = loaders(sources, samples, 2, 2)
+    before = keys(first, 7)
+    after = keys(loaders(sources, samples, 2, 2, saved=json.loads(json.dumps(save(first)))), 8)
+    assert [b + a for b, a in zip(before, after)] == uninterrupted
+    assert {modality for rank in uninterrupted for modality, *_ in rank} == {"pairs", "texts"}
+
+
+def test_unimodal_sources_are_refused_where_nothing_would_train_them(tmp_path):
+    from eve_ds.data.sources import check_source_exists
+    from eve_ds.errors import UsageError
+    from eve_ds.objectives.pretraining import check_modalities
+
+    with pytest.raises(UsageError, match="add msm to --objectives"):
+        check_modalities({"itc": 1.0, "itm": 1.0, "mlm": 1.0}, {"pairs", "images"})
+    with pytest.raises(UsageError, match="add mlm"):
+        check_modalities({"itc": 1.0}, {"texts"})
+    check_modalities({"mlm": 1.0}, {"texts"})
+    (tmp_path / "pictures.jsonl").write_text("{}\n")
+    with pytest.raises(UsageError, match="image-only sources are tar shards"):
+        check_source_exists(f"images:{tmp_path / 'pictures.jsonl'}")
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"image": "a.png", "caption": "a caption"}) + "\n")
+    with pytest.raises(UsageError, match="has no valid text line"):
+        open_source(f"texts:{tmp_path / 'captions.jsonl'}")
+
+
+def test_unimodal_validation_batches_hold_only_their_modality(tmp_path, samples):
+    corpus = open_source(text_corpus(tmp_path / "corpus.jsonl", 9))
+    batches = list(validation_batches(corpus, samples, 0, 1, MICRO_BATCH, 0, Counter()))
+    assert len(batches) == 3 and all(modality_of(batch) == "texts" for batch in batches)
+    assert batches[-1]["padding"].tolist() == [False, True, True, True] and batches[1]["padding"].tolist()[1:3] == [True, True]

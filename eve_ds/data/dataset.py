@@ -101,8 +101,10 @@ class MaskedSamples:
         """Raises one of UNREADABLE_IMAGE_ERRORS for an image that cannot be decoded, and ``text.EmptyText`` (a
         ValueError) for a caption that normalisation leaves empty. The flip rule reads the caption as written."""
         flip_allowed = may_mirror(caption)
-        if self.normalize_text:
-            caption = pre_caption(caption, CAPTION_WORDS)
+        return {**self.make_image(image_data, rng, flip_allowed), **self.make_text(caption, rng)}
+
+    def make_image(self, image_data: bytes, rng, flip_allowed: bool = True) -> dict:
+        """The image part of a sample (an image-only source's whole sample): ``images`` and ``image_mask``."""
         image = decode_image(image_data, self.image_size, rng if self.augment else None, flip_allowed=flip_allowed)
         num_patches = self.grid_size**2
         num_masked = round(self.masking.image_mask_ratio * num_patches)
@@ -110,11 +112,17 @@ class MaskedSamples:
             image_mask = block_patch_mask(self.grid_size, num_masked, rng)
         else:
             image_mask = random_patch_mask(num_patches, num_masked, rng)
+        return {"images": image, "image_mask": image_mask}
+
+    def make_text(self, caption: str, rng) -> dict:
+        """The text part of a sample (a text-only source's whole sample): the masked ``text_ids``, ``text_labels``,
+        ``text_padding_mask``, and the other objectives' inputs."""
+        if self.normalize_text:
+            caption = pre_caption(caption, CAPTION_WORDS)
         ids, padding_mask, maskable = self.tokenizer.encode(caption)
         text_ids, text_labels = mask_text(ids, maskable, self.masking.text_mask_ratio, self.tokenizer.mask_id,
                                           self.tokenizer.ordinary_ids, rng)
-        sample = {"images": image, "image_mask": image_mask, "text_ids": text_ids, "text_labels": text_labels,
-                  "text_padding_mask": padding_mask}
+        sample = {"text_ids": text_ids, "text_labels": text_labels, "text_padding_mask": padding_mask}
         if "itc" in self.objectives or "itm" in self.objectives:
             sample["plain_text_ids"] = ids
         if "mlm" in self.objectives:

@@ -1,4 +1,5 @@
-"""Image-text manifests: JSONL, one ``{"image": PATH, "caption": TEXT}`` object per line.
+"""JSONL manifests: image-text ones, one ``{"image": PATH, "caption": TEXT}`` object per line, and text corpora, one
+``{"text": TEXT}`` per line (``texts:`` sources).
 
 Relative image paths resolve against the manifest's folder. A manifest is held as the byte offsets of its
 non-blank lines (``ManifestLines``, 8 bytes a line), found by one scan of the file and kept in an offsets file
@@ -50,6 +51,20 @@ def parse_manifest_line(line: str, root: Path) -> ImageTextRecord:
     return ImageTextRecord(root / image, caption)
 
 
+def parse_text_line(line: str, root: Path) -> str:
+    entry = json.loads(line)
+    if not isinstance(entry, dict):
+        raise ValueError("not a JSON object")
+    text = entry.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("'text' is missing, empty or not a string")
+    return text
+
+
+# What a manifest's lines hold: its parser, and the name of a valid line in messages.
+LINE_KINDS = {"image-caption": parse_manifest_line, "text": parse_text_line}
+
+
 def line_offsets(path: Path) -> np.ndarray:
     """The byte offset of each line of a file that holds more than a newline ("\n" or "\r\n"), int64: one pass
     over the file in fixed-size chunks. A line of other white space is kept (``ManifestLines.record`` passes over
@@ -77,8 +92,9 @@ class ManifestLines:
     (page cache, which the processes share), so a process holds none of it. Pickled, such a manifest carries the
     file's name rather than its offsets. Reads are positional (pread): forked loader workers share descriptors."""
 
-    def __init__(self, path, offsets: np.ndarray = None, offsets_file: Path = None, lines: int = None):
-        self.path, self.offsets, self.offsets_file = Path(path), offsets, offsets_file
+    def __init__(self, path, offsets: np.ndarray = None, offsets_file: Path = None, lines: int = None,
+                 kind: str = "image-caption"):
+        self.path, self.offsets, self.offsets_file, self.kind = Path(path), offsets, offsets_file, kind
         self.lines = len(offsets) if offsets is not None else lines
         self._file = self._offsets = None
 
@@ -109,23 +125,24 @@ class ManifestLines:
             start += len(part)
 
     def record(self, number: int):
-        """The record of line ``number``, None where it holds only white space; ValueError where it is malformed
-        (not UTF-8 included)."""
+        """The record of line ``number`` (an ``ImageTextRecord``, or a text), None where it holds only white space;
+        ValueError where it is malformed (not UTF-8 included)."""
         line = self.line(number).decode("utf-8")
-        return parse_manifest_line(line, self.path.parent) if line.strip() else None
+        return LINE_KINDS[self.kind](line, self.path.parent) if line.strip() else None
 
     def __getstate__(self):
-        return {"path": self.path, "offsets": self.offsets, "offsets_file": self.offsets_file, "lines": self.lines}
+        return {"path": self.path, "offsets": self.offsets, "offsets_file": self.offsets_file, "lines": self.lines,
+                "kind": self.kind}
 
     def __setstate__(self, state):
-        self.__init__(state["path"], state["offsets"], state["offsets_file"], state["lines"])
+        self.__init__(state["path"], state["offsets"], state["offsets_file"], state["lines"], state["kind"])
 
 
-def open_manifest(path, cache=None) -> ManifestLines:
+def open_manifest(path, cache=None, kind: str = "image-caption") -> ManifestLines:
     """A manifest's lines by their offsets: from its offsets file (``MANIFEST.offsets`` beside it, else one in
     ``cache``, a folder: the run's), written by the first start that scans the manifest, where it can be; a file
     written for another size or time of change of the manifest is scanned again. A manifest none of whose first
-    FIRST_LINES_CHECKED lines is an image-caption line is refused."""
+    FIRST_LINES_CHECKED lines is a valid line of its ``kind`` (``LINE_KINDS``) is refused."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
@@ -133,13 +150,13 @@ def open_manifest(path, cache=None) -> ManifestLines:
     places = [path.with_name(path.name + OFFSETS_SUFFIX)]
     if cache is not None:
         places.append(run_cache_file(cache, path, "manifest", OFFSETS_SUFFIX))
-    lines = next((ManifestLines(path, offsets_file=place, lines=count) for place in places
+    lines = next((ManifestLines(path, offsets_file=place, lines=count, kind=kind) for place in places
                   if (count := _counted_lines(place, stat)) is not None), None)
     if lines is None:
         offsets = line_offsets(path)
         place = next((place for place in places if _write_offsets(place, offsets, stat)), None)
-        lines = ManifestLines(path, offsets) if place is None else ManifestLines(path, offsets_file=place,
-                                                                                 lines=len(offsets))
+        lines = ManifestLines(path, offsets, kind=kind) if place is None else ManifestLines(
+            path, offsets_file=place, lines=len(offsets), kind=kind)
         if place is None:
             logger.warning("the line offsets of %s could not be written beside it%s: every start scans it again",
                            path, " nor in " + str(cache) if cache is not None else "")
@@ -156,7 +173,7 @@ def _check_first_lines(lines: ManifestLines):
         except ValueError:
             continue
     where = f"({checked} malformed)" if checked == len(lines) else f"in its first {checked} lines"
-    raise ManifestError(f"manifest {lines.path} has no valid image-caption line {where}")
+    raise ManifestError(f"manifest {lines.path} has no valid {lines.kind} line {where}")
 
 
 def _counted_lines(place: Path, stat):

@@ -1,5 +1,9 @@
 """Where pre-training samples come from: tar shard sets and JSONL manifests, read as numbered positions.
 
+A source holds image-text pairs, or, named with a prefix, images alone (``images:SHARDS``: samples with an image and
+no caption) or texts alone (``texts:CORPUS.jsonl`` of ``{"text": ...}`` lines, or ``texts:SHARDS`` of ``.txt``
+members); its ``modality`` says which ("pairs", "images", "texts").
+
 A source is a list of units with known sample counts: the shards of a set (counted by its ``index.json``, or at
 start-up where there is none) or the lines of a manifest (one sample each). An epoch of a source orders its
 units by a permutation drawn from (seed, source, epoch) and numbers the samples of the units in that order 0, 1,
@@ -27,11 +31,28 @@ class NoReadableData(DataError):
     """A reader passed over all its sources' positions without one usable sample."""
 
 
+MODALITIES = ("pairs", "images", "texts")
+PREFIXES = ("images:", "texts:")
+
+
+def split_modality(spec: str) -> tuple:
+    """(modality, the rest) of a source as ``--data`` names it: ``images:...``, ``texts:...``, or pairs."""
+    spec = str(spec)
+    for prefix in PREFIXES:
+        if spec.startswith(prefix):
+            return prefix[:-1], spec[len(prefix):]
+    return "pairs", spec
+
+
+def _named(name: str, modality: str) -> str:
+    return name if modality == "pairs" else f"{modality}:{name}"
+
+
 class ShardSet:
     """The shards of a pattern, folder or file (paths as strings), with the sample count of each."""
 
-    def __init__(self, name: str, shards: tuple, counts: tuple):
-        self.name, self.units, self.counts = name, shards, counts
+    def __init__(self, name: str, shards: tuple, counts: tuple, modality: str = "pairs"):
+        self.name, self.units, self.counts, self.modality = _named(name, modality), shards, counts, modality
         self.total = sum(counts)
 
     def fingerprint(self) -> list:
@@ -111,12 +132,12 @@ def _mix(values: np.ndarray) -> np.ndarray:
 
 
 class Manifest:
-    """The non-blank lines of a JSONL manifest, one sample each; a line is parsed when it is read, and a malformed
-    line is a lost sample."""
+    """The non-blank lines of a JSONL manifest, one sample each (an image-caption pair, or a text of a ``texts:``
+    source); a line is parsed when it is read, and a malformed line is a lost sample."""
     READ_AHEAD = 1024  # positions whose line numbers are computed at once
 
-    def __init__(self, name: str, lines: ManifestLines):
-        self.name, self.lines, self.total = name, lines, len(lines)
+    def __init__(self, name: str, lines: ManifestLines, modality: str = "pairs"):
+        self.name, self.lines, self.total, self.modality = _named(name, modality), lines, len(lines), modality
 
     def fingerprint(self) -> list:
         return [self.name, self.total, self.total, "line order"]
@@ -144,6 +165,8 @@ class Manifest:
             return "malformed line"
         if record is None:
             return None  # a line of white space: a place without a sample, not counted
+        if self.modality == "texts":
+            return f"{self.lines.path}:{number}", {"txt": record.encode("utf-8")}
         try:
             data = Path(record.image_path).read_bytes()
         except OSError:
@@ -154,24 +177,30 @@ class Manifest:
 
 
 def open_source(spec: str, index_cache=None):
-    """A shard pattern, folder or file (a ``ShardSet``), or a JSONL manifest (a ``Manifest``). Shards that no
-    ``index.json`` beside them counts are counted now, and a manifest without an offsets file is scanned; where
-    their folder is read-only, the counts and offsets are kept in ``index_cache`` (a folder: the run's)."""
-    spec = str(spec).removeprefix("file://")
+    """A shard pattern, folder or file (a ``ShardSet``), or a JSONL manifest (a ``Manifest``), after the prefix of
+    its modality if it has one (``split_modality``). Shards that no ``index.json`` beside them counts are counted
+    now, and a manifest without an offsets file is scanned; where their folder is read-only, the counts and offsets
+    are kept in ``index_cache`` (a folder: the run's)."""
+    modality, spec = split_modality(spec)
+    spec = spec.removeprefix("file://")
     if spec.endswith(".jsonl"):
-        return Manifest(spec, open_manifest(spec, index_cache))
+        return Manifest(spec, open_manifest(spec, index_cache, "text" if modality == "texts" else "image-caption"),
+                        modality)
     shards = shard_names(spec)
     _check_exist(spec, shards)
     counts = shard_counts(shards, spec, index_cache)
     if sum(counts) == 0:
         raise DataError(f"data source {spec} holds no sample: its {len(shards)} shards count 0")
-    return ShardSet(spec, tuple(shards), tuple(counts))
+    return ShardSet(spec, tuple(shards), tuple(counts), modality)
 
 
 def check_source_exists(spec: str):
     """What ``open_source`` refuses first, without reading or counting anything: cheap enough for every rank to
     check before the distributed start."""
-    spec = str(spec).removeprefix("file://")
+    modality, spec = split_modality(spec)
+    spec = spec.removeprefix("file://")
+    if spec.endswith(".jsonl") and modality == "images":
+        raise DataError(f"images:{spec}: image-only sources are tar shards (samples with an image and no caption)")
     if spec.endswith(".jsonl"):
         if not Path(spec).is_file():
             raise DataError(f"data source {spec} does not exist")

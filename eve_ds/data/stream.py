@@ -24,6 +24,13 @@ different times until those slices are done.
 
 Every random choice for a sample (caption among several, crop, flip, masks) is seeded by (seed, source, epoch,
 position): independent of the number of readers.
+
+Modalities. Image-only and text-only sources (``sources.split_modality``) are mixed with pairs by micro-batch: each
+micro-batch holds one modality, drawn by weight (the sum of its sources') from (seed, reader role, the reader's
+micro-batch count), which is the same on every rank for the micro-batch that every rank trains at once; within it,
+sources are drawn by weight per sample, as before. So all ranks run the same encoder passes on micro-batches of
+the same shape: ZeRO-3 gathers the same parameters everywhere, and expert parallelism exchanges the same number of
+tokens (texts are padded to the model's text length).
 """
 import copy
 import json
@@ -78,17 +85,28 @@ def source_samples(source, index: int, state: dict, reader: int, readers: int, s
         state["pending"].pop(0)
 
 
-def reader_samples(sources: list, weights: list, state: dict, reader: int, readers: int, seed: int, block: int):
-    """(source index, epoch, position, raw sample or the reason it was lost), the sources drawn by weight,
-    endlessly."""
-    streams = [source_samples(source, index, state["sources"][index], reader, readers, seed, block)
-               for index, source in enumerate(sources)]
+def reader_samples(sources: list, weights: list, members: list, state: dict, reader: int, readers: int, seed: int,
+                   block: int):
+    """(source index, epoch, position, raw sample or the reason it was lost) of the sources numbered ``members``,
+    drawn by weight, endlessly."""
+    streams = {index: source_samples(sources[index], index, state["sources"][index], reader, readers, seed, block)
+               for index in members}
     while True:
-        index = 0
-        if len(sources) > 1:
-            index = random.Random(f"{seed}:mix:{reader}:{state['drawn']}").choices(range(len(sources)), weights)[0]
+        index = members[0]
+        if len(members) > 1:
+            index = random.Random(f"{seed}:mix:{reader}:{state['drawn']}").choices(
+                members, [weights[member] for member in members])[0]
         state["drawn"] += 1
         yield (index, *next(streams[index]))
+
+
+def modality_members(sources: list, weights: list) -> dict:
+    """{modality: (indices of its sources, the sum of their weights)}, in the order the sources first name them."""
+    members = {}
+    for index, source in enumerate(sources):
+        indices, weight = members.get(source.modality, ([], 0.0))
+        members[source.modality] = (indices + [index], weight + weights[index])
+    return members
 
 
 class PretrainingStream(torch.utils.data.IterableDataset):
@@ -126,16 +144,24 @@ class PretrainingStream(torch.utils.data.IterableDataset):
         role = ((info.id if info else 0) + self.rotation) % self.roles
         reader = self.rank * self.roles + role
         state = copy.deepcopy(self.states[role]) or fresh_state(len(self.sources), reader, self.readers)
+        state.setdefault("batches", 0)  # micro-batches made (a state saved before modalities has none)
         problems = Counter()
-        samples = reader_samples(self.sources, self.weights, state, reader, self.readers, self.seed, self.block)
-        one_pass = sum(source.total for source in self.sources)
+        members = modality_members(self.sources, self.weights)
+        modalities, modality_weights = list(members), [weight for _, weight in members.values()]
+        samples = {modality: reader_samples(self.sources, self.weights, indices, state, reader, self.readers,
+                                            self.seed, self.block) for modality, (indices, _) in members.items()}
         unusable, before_them = 0, Counter()  # positions in a row without a usable sample; the counts before them
         while True:
             batch, keys = [], []
+            modality = modalities[0]
+            if len(modalities) > 1:  # keyed by the role, not the reader: every rank draws the same
+                modality = random.Random(f"{self.seed}:modality:{role}:{state['batches']}").choices(
+                    modalities, modality_weights)[0]
+            one_pass = sum(self.sources[index].total for index in members[modality][0])
             while len(batch) < self.micro_batch:
-                index, epoch, position, raw = next(samples)
+                index, epoch, position, raw = next(samples[modality])
                 sample = masked_sample(self.samples, raw, random.Random(f"{self.seed}:{index}:{epoch}:{position}"),
-                                       problems)
+                                       problems, modality)
                 if sample is not None:
                     batch.append(sample)
                     keys.append(f"{index}:{epoch}:{raw[0]}")
@@ -143,7 +169,9 @@ class PretrainingStream(torch.utils.data.IterableDataset):
                     continue
                 unusable += 1
                 if unusable == one_pass:
-                    raise no_readable_data(self.sources, one_pass, problems - before_them)
+                    raise no_readable_data([self.sources[index] for index in members[modality][0]], one_pass,
+                                           problems - before_them)
+            state["batches"] += 1
             collated = torch.utils.data.default_collate(batch)
             collated["keys"] = keys
             collated["problems"] = torch.tensor([problems[reason] for reason in REASONS])
@@ -159,25 +187,30 @@ def no_readable_data(sources: list, positions: int, skipped: Counter) -> NoReada
                           f"({positions} positions: {counts or 'none skipped'}): check the data")
 
 
-def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Counter):
-    """The masked sample of a raw one (key, files), its caption drawn by ``rng`` where it has several; None, counted
-    in ``problems`` by reason, where it has no usable caption or image, or where ``raw`` is the reason the sample
-    was lost. Counted here, as it is drawn, rather than where it was read a block ahead: the counts of a batch
-    are those of the positions it consumed. A raw None (a padding place) is not counted."""
+def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Counter, modality: str = "pairs"):
+    """The masked sample of a raw one (key, files) of a source of ``modality``, its caption drawn by ``rng`` where it
+    has several; None, counted in ``problems`` by reason, where it has no usable caption or image (of those its
+    modality reads), or where ``raw`` is the reason the sample was lost. Counted here, as it is drawn, rather than
+    where it was read a block ahead: the counts of a batch are those of the positions it consumed. A raw None (a
+    padding place) is not counted."""
     if raw is None:
         return None
     if isinstance(raw, str):
         problems[raw] += 1
         return None
     _, files = raw
-    captions = captions_of(files, problems)
-    if not captions:
+    captions = captions_of(files, problems) if modality != "images" else None
+    if modality != "images" and not captions:
         return None
-    image = image_of(files)
-    if image is None:
+    image = image_of(files) if modality != "texts" else None
+    if modality != "texts" and image is None:
         problems["missing image"] += 1
         return None
     try:
+        if modality == "images":
+            return samples.make_image(image[1], rng)
+        if modality == "texts":
+            return samples.make_text(rng.choice(captions), rng)
         return samples.make(image[1], rng.choice(captions), rng)
     except TOO_LARGE:
         problems["image too large"] += 1
@@ -186,6 +219,16 @@ def masked_sample(samples: MaskedSamples, raw, rng: random.Random, problems: Cou
     except UNREADABLE_IMAGE_ERRORS:
         problems["unreadable image"] += 1
     return None
+
+
+def _sample_keys(samples: MaskedSamples, modality: str) -> list:
+    """The keys of a sample that ``samples`` makes for a source of ``modality``."""
+    keys = [] if modality == "texts" else ["images", "image_mask"]
+    if modality != "images":
+        keys += ["text_ids", "text_labels", "text_padding_mask"]
+        keys += ["plain_text_ids"] * ("itc" in samples.objectives or "itm" in samples.objectives)
+        keys += ["mlm_text_ids", "mlm_text_labels"] * ("mlm" in samples.objectives)
+    return keys
 
 
 def resumed_states(saved: dict, stream: PretrainingStream) -> list:
@@ -256,13 +299,14 @@ def validation_batches(source, samples: MaskedSamples, rank: int, world_size: in
     batch = []
     for position in range(start, start + math.ceil(share / micro_batch) * micro_batch):
         item = next(raw, None) if position < stop else None
-        batch.append(masked_sample(samples, item, random.Random(f"{seed}:validation:{position}"), problems))
+        batch.append(masked_sample(samples, item, random.Random(f"{seed}:validation:{position}"), problems,
+                                   source.modality))
         if len(batch) == micro_batch:
-            yield _with_padding(batch, samples)
+            yield _with_padding(batch, samples, source.modality)
             batch = []
 
 
-def _with_padding(batch: list, samples: MaskedSamples) -> dict:
+def _with_padding(batch: list, samples: MaskedSamples, modality: str) -> dict:
     """The batch with its empty places (None) filled by a padding sample with nothing masked, and ``padding`` [B]
     saying which they are (a contrastive loss must leave such a batch out: its padding repeats a pair)."""
     template = next((sample for sample in batch if sample is not None), None)
@@ -270,15 +314,12 @@ def _with_padding(batch: list, samples: MaskedSamples) -> dict:
         size = samples.image_size
         ids, padding_mask, _ = samples.tokenizer.encode("")
         template = {"images": torch.zeros(3, size, size), "image_mask": torch.zeros(samples.grid_size**2, dtype=bool),
-                    "text_ids": ids, "text_labels": torch.full_like(ids, IGNORE_INDEX), "text_padding_mask": padding_mask}
-        if "itc" in samples.objectives or "itm" in samples.objectives:
-            template["plain_text_ids"] = ids
-        if "mlm" in samples.objectives:
-            template.update(mlm_text_ids=ids, mlm_text_labels=torch.full_like(ids, IGNORE_INDEX))
-    padding = {**template, "image_mask": torch.zeros_like(template["image_mask"]),
-               "text_labels": torch.full_like(template["text_labels"], IGNORE_INDEX)}
-    if "mlm_text_labels" in padding:
-        padding["mlm_text_labels"] = torch.full_like(template["mlm_text_labels"], IGNORE_INDEX)
+                    "text_ids": ids, "text_labels": ids, "text_padding_mask": padding_mask, "plain_text_ids": ids,
+                    "mlm_text_ids": ids, "mlm_text_labels": ids}
+        template = {key: template[key] for key in _sample_keys(samples, modality)}
+    padding = {key: torch.zeros_like(value) if key == "image_mask" else
+               torch.full_like(value, IGNORE_INDEX) if key.endswith("labels") else value
+               for key, value in template.items()}
     collated = torch.utils.data.default_collate([sample if sample is not None else padding for sample in batch])
     collated["padding"] = torch.tensor([sample is None for sample in batch])
     return collated

@@ -85,7 +85,10 @@ class MultiwayFFN(nn.Module):
         if hasattr(self, "vision_language") and 0 < num_image_tokens < x.shape[1]:
             return self.vision_language(self.vision_language_norm(x))
         image, text = x[:, :num_image_tokens], x[:, num_image_tokens:]
-        return torch.cat([self.vision(self.vision_norm(image)), self.text(self.text_norm(text))], dim=1)
+        parts = [self.vision(self.vision_norm(image)), self.text(self.text_norm(text))]
+        if hasattr(self, "vision_language"):  # on no token: in the graph all the same (see EVE.forward)
+            parts.append(self.vision_language(self.vision_language_norm(x[:, :0])))
+        return torch.cat(parts, dim=1)
 
 
 class MultiwayBlock(nn.Module):
@@ -195,6 +198,16 @@ class EVE(nn.Module):
             raise ValueError("nothing to encode: give images, text_ids or both")
         parts = [part for part in (image, text) if part is not None]
         x = self.embed_norm(torch.cat(parts, dim=1))
+        # A pass of one modality still puts the other's embeddings in the graph, computed on no sample, so that they
+        # get a gradient of zeros: ZeRO-3 adds a micro-batch's gradients to what its buffers hold where a parameter
+        # had none in the step's first micro-batch, and applies the last step's where it had none in the whole step.
+        if image is None:
+            size = self.config.image_size
+            nothing = self.embed_image(x.new_zeros(0, self.config.in_channels, size, size),
+                                       torch.zeros(0, self.config.num_patches, dtype=torch.bool, device=x.device))
+            x = x + 0.0 * nothing.sum()
+        if text is None:
+            x = x + 0.0 * self.embed_text(torch.zeros(0, 1, dtype=torch.long, device=x.device)).sum()
         batch, num_image_tokens = x.shape[0], image.shape[1] if image is not None else 0
         attn_mask = None
         if text is not None:

@@ -11,7 +11,10 @@ Objectives (``--objectives NAME[=WEIGHT],...``; the default is EVE's ``msm``):
 - ``mlm``, masked language modeling: the caption's tokens masked at VLMo's 15%, predicted from its joint encoding
   with the whole image, by the same text head as ``msm``'s.
 
-VLMo's recipe is ``itc,itm,mlm``. The MoE load-balancing loss is the mean over every encoder pass of the step of each
+VLMo's recipe is ``itc,itm,mlm``. A micro-batch of an image-only source (images without captions) trains masked
+image modeling through the image-only encoding (msm's image loss, so it needs ``msm``); one of a text-only source
+trains masked language modeling through the text-only encoding: ``mlm``'s where the run has it, else msm's text
+loss. The MoE load-balancing loss is the mean over every encoder pass of the step of each
 pass's loss (the mean over MoE layers), weighted ``config.aux_loss_weight``: with ``msm`` alone, its one pass's.
 """
 import torch
@@ -61,6 +64,16 @@ def describe_objectives(objectives: dict) -> str:
     return ",".join(name if weight == 1 else f"{name}={weight:g}" for name, weight in objectives.items())
 
 
+def check_modalities(objectives: dict, modalities) -> None:
+    """UsageError where a source's modality has no loss among ``objectives``."""
+    if "images" in modalities and "msm" not in objectives:
+        raise UsageError("--data: image-only sources (images:) train masked image modeling, msm's image loss; add "
+                         "msm to --objectives")
+    if "texts" in modalities and not {"msm", "mlm"} & set(objectives):
+        raise UsageError("--data: text-only sources (texts:) train masked language modeling; add mlm (or msm) to "
+                         "--objectives")
+
+
 def loss_names(objectives: dict) -> tuple:
     return ("loss", *(name for objective in objectives for name in OBJECTIVE_LOSSES[objective]), "aux_loss")
 
@@ -93,6 +106,7 @@ class PretrainingModel(ContrastiveMatching, nn.Module):
             self.add_contrastive_heads(matching="itm" in self.objectives)
             heads += self.contrastive_heads()
         init_modules_(heads, config.init_std, seeded_generator(heads_seed))
+        self.heads = tuple(heads)
 
     @property
     def loss_names(self) -> tuple:
@@ -120,12 +134,17 @@ class PretrainingModel(ContrastiveMatching, nn.Module):
             raise CheckpointError(f"{source} was pre-trained with --objectives {describe_objectives(self.objectives)}, "
                                   "without masked signal modeling's image and text heads")
 
-    def forward(self, images, image_mask, text_ids, text_labels, text_padding_mask, plain_text_ids=None,
-                mlm_text_ids=None, mlm_text_labels=None):
+    def forward(self, images=None, image_mask=None, text_ids=None, text_labels=None, text_padding_mask=None,
+                plain_text_ids=None, mlm_text_ids=None, mlm_text_labels=None):
         """images [B, C, H, W] (whole); for ``msm`` the patches to mask ``image_mask`` [B, P] and the masked caption
         ``text_ids`` with its ``text_labels`` [B, L]; for ``itc``/``itm`` the caption unmasked (``plain_text_ids``);
         for ``mlm`` the caption masked at MLM_MASK_RATIO (``mlm_text_ids``, ``mlm_text_labels``). The padding mask
-        is the caption's, whatever the masking."""
+        is the caption's, whatever the masking. A batch without texts (``images`` and ``image_mask``) or without
+        images (the text keys) is one of a unimodal source; its outputs hold the losses it trains."""
+        if text_padding_mask is None:
+            return self.image_only(images, image_mask)
+        if images is None:
+            return self.text_only(text_ids, text_labels, text_padding_mask, mlm_text_ids, mlm_text_labels)
         parts, aux_losses, loss = {}, [], 0.0
         if "itc" in self.objectives:
             pairs = self.contrastive_matching(images, plain_text_ids, text_padding_mask,
@@ -143,14 +162,43 @@ class PretrainingModel(ContrastiveMatching, nn.Module):
             loss = loss + self.objectives["mlm"] * parts["mlm_loss"]
         if "msm" in self.objectives:  # last: tensorboard's reconstruction keeps the heads' last outputs
             hidden, aux_loss = self.encoder(images, text_ids, text_padding_mask, image_mask)
-            patch_hidden = hidden[:, 1:self.config.num_image_tokens][image_mask]
-            pixel_prediction = self.image_head(patch_hidden).float()
-            pixel_target = normalized_pixel_targets(images, self.config.patch_size)[image_mask]
-            parts["image_loss"] = F.mse_loss(pixel_prediction, pixel_target, reduction="sum") / max(
-                pixel_target.numel(), 1)
+            parts["image_loss"] = self.pixel_loss(hidden, images, image_mask)
             parts["text_loss"] = token_loss(self.text_head, hidden[:, self.config.num_image_tokens:], text_labels)
             aux_losses.append(aux_loss)
             loss = loss + self.objectives["msm"] * (parts["image_loss"] + parts["text_loss"])
+        return self.outputs(loss, parts, aux_losses)
+
+    def pixel_loss(self, hidden, images, image_mask):
+        """MSE of the image head's prediction of the masked patches' normalised pixels, from the encoding ``hidden``
+        whose image tokens come first."""
+        pixel_prediction = self.image_head(hidden[:, 1:self.config.num_image_tokens][image_mask]).float()
+        pixel_target = normalized_pixel_targets(images, self.config.patch_size)[image_mask]
+        return F.mse_loss(pixel_prediction, pixel_target, reduction="sum") / max(pixel_target.numel(), 1)
+
+    def image_only(self, images, image_mask):
+        hidden, aux_loss = self.encoder.encode_image(images, image_mask)
+        image_loss = self.pixel_loss(hidden, images, image_mask)
+        loss = self.objectives["msm"] * image_loss + self.idle_heads(hidden, self.image_head)
+        return self.outputs(loss, {"image_loss": image_loss}, [aux_loss])
+
+    def text_only(self, text_ids, text_labels, text_padding_mask, mlm_text_ids=None, mlm_text_labels=None):
+        objective = "mlm" if "mlm" in self.objectives else "msm"
+        ids, labels = (mlm_text_ids, mlm_text_labels) if objective == "mlm" else (text_ids, text_labels)
+        hidden, aux_loss = self.encoder.encode_text(ids, text_padding_mask)
+        text_loss = token_loss(self.text_head, hidden, labels)
+        loss = self.objectives[objective] * text_loss + self.idle_heads(hidden, self.text_head)
+        return self.outputs(loss, {"mlm_loss" if objective == "mlm" else "text_loss": text_loss}, [aux_loss])
+
+    def idle_heads(self, hidden, used: nn.Module):
+        """0, with every head but ``used`` (and the temperature) in the graph on no input, so that each gets a gradient
+        of zeros, as the encoder's unused embeddings do (see ``EVE.forward``: ZeRO-3 would reuse stale gradients)."""
+        nothing = hidden[:0, 0]
+        term = sum(head(nothing).sum() for head in self.heads if head is not used)
+        if "itc" in self.objectives:
+            term = term + self.temperature.sum()
+        return 0.0 * term
+
+    def outputs(self, loss, parts: dict, aux_losses: list) -> dict:
         # each pass's aux loss is the mean over MoE layers (EVE.forward), weighted as the authors weight their gate loss
         aux_loss = torch.stack(aux_losses).mean()
         return {"loss": loss + self.config.aux_loss_weight * aux_loss, "aux_loss": aux_loss.detach(),
