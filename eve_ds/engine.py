@@ -4,6 +4,7 @@ The model knows nothing of DeepSpeed launch details; everything distributed is a
 """
 import atexit
 import ctypes
+import fnmatch
 import json
 import os
 from dataclasses import dataclass, fields
@@ -17,6 +18,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import groups
 
 from eve_ds.config import ConfigError
+from eve_ds.errors import UsageError
 from eve_ds.model.moe import ExpertPlacement, use_engine_managed_moe
 
 # Our own section of the DeepSpeed JSON; it is removed before the rest goes to DeepSpeed.
@@ -184,13 +186,45 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
                                              "modality_type_embed"))
 
 
+def trained_names(names, patterns: list, model_name: str) -> set:
+    """The parameter names that ``--train-only`` ``patterns`` (shell patterns over a whole model's parameter names,
+    as tools/consolidate.py writes them) select: all of ``names`` where there are none. UsageError for a pattern that
+    selects nothing."""
+    names = list(names)
+    if not patterns:
+        return set(names)
+    selected = set()
+    for pattern in patterns:
+        matched = {name for name in names if fnmatch.fnmatchcase(name, pattern)}
+        if not matched:
+            raise UsageError(f"--train-only: {pattern!r} matches no parameter of {model_name} (its names look like "
+                             f"{names[0]} or {names[-1]})")
+        selected |= matched
+    return selected
+
+
+def freeze(model: torch.nn.Module, frozen) -> int:
+    """Gives the parameters of ``model`` that ``frozen(name)`` says a gradient of zeros, so that AdamW leaves them
+    as they are (``optimizer_param_groups`` puts them where nothing decays) and gradient clipping measures the
+    others alone. They keep their place in the optimizer, so checkpoints, consolidation and resharding treat
+    every run alike, at the cost of their optimizer state's memory. Returns how many elements are frozen."""
+    count = 0
+    for name, param in model.named_parameters():
+        if frozen(name):
+            param.register_hook(torch.zeros_like)
+            param.frozen = True
+            count += getattr(param, "ds_numel", param.numel())
+    return count
+
+
 def optimizer_param_groups(model: torch.nn.Module, weight_decay: float) -> list:
-    """AdamW groups (no decay for biases, norms, layer scales and embeddings), with expert parameters
-    split into their own groups as DeepSpeed's MoE requires."""
+    """AdamW groups (no decay for biases, norms, layer scales, embeddings and frozen parameters), with expert
+    parameters split into their own groups as DeepSpeed's MoE requires."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if no_weight_decay(name, param) else decay).append(param)
+            exempt = no_weight_decay(name, param) or getattr(param, "frozen", False)
+            (no_decay if exempt else decay).append(param)
     param_groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
                     {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     return split_params_into_different_moe_groups_for_optimizer(param_groups)

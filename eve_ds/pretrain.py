@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import model_config_in, saved_states
 from eve_ds.checkpoint.data_position import read_data_position, write_data_position
-from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, HeldModel, held_model, load_weights
+from eve_ds.checkpoint.pretrained import (PRETRAINING, CheckpointError, HeldModel, held_model, load_weights,
+                                          open_pretrained, pretrained_config)
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
@@ -27,7 +28,8 @@ from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTo
 from eve_ds.data.sources import check_source_exists, split_modality
 from eve_ds.data.stream import REASONS, validation_batches
 from eve_ds.data.tokenizer import role_and_token
-from eve_ds.engine import all_gather_objects, build_model, initialize, load_deepspeed_config, on_gpu, zero_stage
+from eve_ds.engine import (all_gather_objects, build_model, freeze, initialize, load_deepspeed_config, on_gpu,
+                           trained_names, zero_stage)
 from eve_ds.errors import ArgumentParser
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
@@ -99,6 +101,14 @@ def parse_args(argv=None):
     parser.add_argument("--resume-from", default=None,
                         help="continue from a universal checkpoint folder (tools/reshard.py), at any world size, "
                              "expert-parallel size and ZeRO stage")
+    parser.add_argument("--init-from", default=None, metavar="WEIGHTS",
+                        help="start (at step 0, with a new optimizer) from a consolidated folder (tools/consolidate.py) "
+                             "of a run of the same model: its encoder, and the heads of this run's objectives that it "
+                             "holds (a stage of VLMo's recipe starts from the stage before; a checkpoint to resume "
+                             "from wins)")
+    parser.add_argument("--train-only", default=None, metavar="PATTERN,...",
+                        help="train only the parameters whose names (as consolidated) match one of these shell "
+                             "patterns, e.g. 'encoder.blocks.*.ffn.text*,text_head.*'; the others stay as they are")
     parser.add_argument("--expert-parallel-size", type=int, default=None,
                         help="replaces the DeepSpeed config's eve.expert_parallel_size (e.g. 1 on one GPU)")
     parser.add_argument("--peak-tflops", type=float, default=H100_BF16_DENSE_TFLOPS,
@@ -117,6 +127,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if (args.resume or args.auto_resume) and args.resume_from:
         parser.error("--resume/--auto-resume and --resume-from exclude each other")
+    if args.init_from and args.resume_from:
+        parser.error("--init-from and --resume-from exclude each other")
+    args.train_only = [pattern.strip() for pattern in args.train_only.split(",") if pattern.strip()] \
+        if args.train_only is not None else []
     if args.deepspeed_config is None:
         parser.error("--deepspeed_config is required (e.g. ds_configs/zero3.json)")
     at_least = {"steps": 1, "save_interval": 1, "log_interval": 1, "val_interval": 1, "shuffle_block": 1,
@@ -166,6 +180,23 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
                                 for key, (mine, theirs) in requested.differences(saved).items())
         raise ConfigError(f"{source} was written for another model configuration: {differences}")
     return requested
+
+
+def initialise_from(model: PretrainingModel, placement: ExpertPlacement, path):
+    """The encoder of a consolidated folder, and the heads of ``model`` that it holds (the others keep their
+    initialisation); CheckpointError where the folder lacks an encoder weight."""
+    weights, _ = open_pretrained(path)
+    names = placement.global_names(model)
+    missing = [name for name in names.values() if name.startswith("encoder.") and name not in weights]
+    if missing:
+        raise CheckpointError(f"--init-from {path} holds no {missing[0]} ({len(missing)} encoder weights missing)")
+    load_weights(model, weights.renamed(names), path, names={name for name, stored in names.items()
+                                                               if stored in weights})
+    heads = sorted({name.split(".")[0] for name in names.values() if not name.startswith("encoder.")})
+    fresh = [head for head in heads if not any(stored.startswith(head + ".") or stored == head for stored in weights)]
+    logger.info("initialised from %s: the encoder%s%s", path,
+                f", {', '.join(head for head in heads if head not in fresh)}" if len(fresh) < len(heads) else "",
+                f"; new {', '.join(fresh)}" if fresh else "")
 
 
 def describe_ffn_layers(config: EVEConfig) -> str:
@@ -328,6 +359,14 @@ def main(argv=None, stop: StopRequest = None):
     ep_size = parallelism.expert_parallel_size
     layout = run_layout(world_size, ep_size, ds_config)
     check_run_folder(args.out / "checkpoints", args.resume, args.auto_resume, args.resume_from, layout)
+    with torch.device("meta"):  # the whole model's parameter names, at no cost
+        names = [name for name, _ in PretrainingModel(config, objectives=args.objectives).named_parameters()]
+    args.trained = trained_names(names, args.train_only, args.model)
+    if args.init_from:
+        differences = config.differences(pretrained_config(args.init_from).replace(position_init=config.position_init))
+        if differences:
+            raise ConfigError(f"--init-from {args.init_from} holds another model configuration: " + ", ".join(
+                f"{key} {theirs} where this run has {mine}" for key, (mine, theirs) in differences.items()))
 
     start_distributed()
     with run_folder_held(args.out):
@@ -355,6 +394,10 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
         tokenizer.check_fits(saved.vocab_size, source)
         config = resumed_config(config, saved, source)
         args.objectives = resumed_objectives(args.objectives, held, source)
+        saved_train_only = (universal.client_state if universal is not None else states).get("train_only", [])
+        if saved_train_only != args.train_only:
+            raise ConfigError(f"{source} was trained with --train-only {','.join(saved_train_only) or '(all)'}; resume "
+                              f"with the same selection (this run asks for {','.join(args.train_only) or 'all'})")
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
     # Rank 0 opens each source (counting shards that have no index, scanning a manifest) and hands it to the others.
@@ -376,6 +419,12 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     model = build_model(lambda: PretrainingModel(config, placement, args.objectives), ds_config)
     if universal is not None:
         load_weights(model, universal.weights.renamed(placement.global_names(model)), args.resume_from)
+    elif args.init_from and resume_tag is None:
+        initialise_from(model, placement, args.init_from)
+    if args.train_only:
+        frozen = freeze(model, lambda name: placement.global_name(name) not in args.trained)
+        logger.info("--train-only %s: %.2fM parameters trained, %.2fM frozen", ",".join(args.train_only),
+                    (parameter_counts(config, objectives=args.objectives).total - frozen) / 1e6, frozen / 1e6)
     model.encoder.activation_checkpointing = parallelism.activation_checkpointing
     counts = parameter_counts(config, objectives=args.objectives)
     logger.info("model %s: %.2fM parameters in all, %.2fM activated per token; %s; ZeRO stage %d, expert-parallel "
@@ -411,7 +460,7 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
     if is_main:
         args.out.mkdir(parents=True, exist_ok=True)
     client_state = {"model_config": config.to_dict(), "task": PRETRAINING, "masking": masking.__dict__,
-                    "seed": args.seed, "head_options": {"objectives": args.objectives}}
+                    "seed": args.seed, "head_options": {"objectives": args.objectives}, "train_only": args.train_only}
     job = PretrainingJob(engine, config, position, args, client_state, validation, validation_samples)
     job.tokenizer = tokenizer
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=args.num_workers,

@@ -160,3 +160,41 @@ def test_unimodal_sources_train_and_resume_with_expert_parallelism(tmp_path, dir
         assert losses == [key for key in after if key.endswith("loss")]
         for key in losses + ["lr"]:
             assert after[key] == pytest.approx(before[key], rel=1e-5, abs=1e-6), (after["step"], key)
+
+
+VLMO_TEXT_STAGE = ("encoder.token_embed.*,encoder.token_norm.*,encoder.text_pos,encoder.blocks.*.ffn.text*,"
+                   "encoder.norm.*,text_head.*")
+
+
+def test_vlmo_stagewise_recipe_runs_as_a_sequence_of_runs(tmp_path, dirty_manifest):
+    """vlmo-tiny under ZeRO-3: an image stage (images alone, masked image modeling), a text stage from it (texts
+    alone, MLM) training only the text parameters, then the image-text stage (itc,itm,mlm) from that; each stage
+    consolidated, and the frozen parameters left exactly as the stage before wrote them."""
+    images, texts = unimodal_data(tmp_path / "unimodal")
+    ds_config = small_ds_config(zero_optimization={"stage": 3, "stage3_param_persistence_threshold": 0},
+                                eve={"expert_parallel_size": 1})
+    common = ["--model", "vlmo-tiny", "--tokenizer", SHAPES / "tokenizer.json", "--steps", 3, "--save-interval", 3]
+    stages = [("image", ["--objectives", "msm", "--data", images]),
+              ("text", ["--objectives", "mlm", "--data", texts, "--train-only", VLMO_TEXT_STAGE]),
+              ("vl", ["--objectives", "itc,itm,mlm", "--data", dirty_manifest])]
+    weights = {}
+    for number, (stage, args) in enumerate(stages):
+        init = ["--init-from", weights[stages[number - 1][0]]] if number else []
+        metrics, log = launch_pretrain(tmp_path, tmp_path / stage, ds_config, *common, *args, *init)
+        assert "VL-FFN of width 512 in layers [2, 3]" in log and len(metrics) == 3
+        result = run_tool("consolidate.py", tmp_path / stage / "checkpoints", tmp_path / f"{stage}_weights")
+        assert result.returncode == 0, result.stderr
+        weights[stage] = tmp_path / f"{stage}_weights"
+        if stage == "text":
+            assert re.search(r"initialised from \S+image_weights: the encoder, text_head\n", log), log[-3000:]
+            assert re.search(r"--train-only \S+: 0\.\d\dM parameters trained, 1\.\d\dM frozen", log)
+        if stage == "vl":
+            assert "initialised from" in log and "text_head; new image_projection, itm_head, temperature, text_projection" in log
+    before, after = (StoredWeights(weights[stage] / "model.safetensors") for stage in ("image", "text"))
+    trained = [pattern for pattern in VLMO_TEXT_STAGE.split(",")]
+    import fnmatch
+    for name in before:
+        if name.startswith("encoder."):
+            moved = not torch.equal(before[name], after[name])
+            assert moved == any(fnmatch.fnmatchcase(name, pattern) for pattern in trained), name
+    assert "image_head.weight" in before and "image_head.weight" not in after
