@@ -64,8 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-steps", type=int, default=1200)
     parser.add_argument("--pretrain-config", default=str(REPO / "ds_configs" / "zero2_ep.json"))
     parser.add_argument("--pretrain-lr", type=float, default=None,
-                        help=f"peak learning rate of the pre-training (default: {TINY_LR:g} for eve-tiny, whose "
-                             "validation losses after 1,200 steps at batch 32 are lower than at the config's 1e-3: "
+                        help=f"peak learning rate of the pre-training (default: {TINY_LR:g} for eve-tiny and "
+                             "vlmo-tiny, eve-tiny's validation losses after 1,200 steps at batch 32 are lower than at the config's 1e-3: "
                              "text 0.50 against 0.72, docs/transfer.md; the config's for other presets)")
     parser.add_argument("--pretrain-args", default="", help="more options of launch/pretrain.py, one string")
     parser.add_argument("--points", default="0.25,0.5,1", help="fractions of the budget to fine-tune from")
@@ -186,7 +186,7 @@ def pretrain(args, world: dict):
     interval = math.gcd(*steps)  # a checkpoint at every point
     data = {key: args.out / "world" / path for key, path in world["pretrain"].items()}
     config = json.loads(Path(args.pretrain_config).read_text())
-    lr = args.pretrain_lr or (TINY_LR if args.preset == "eve-tiny" else None)
+    lr = args.pretrain_lr or (TINY_LR if args.preset.endswith("-tiny") else None)
     if lr is not None:
         config.setdefault("optimizer", {"type": "AdamW"}).setdefault("params", {})["lr"] = lr
     config_path = args.out / "configs" / "pretrain.json"
