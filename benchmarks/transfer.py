@@ -65,8 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--pretrain-config", default=str(REPO / "ds_configs" / "zero2_ep.json"))
     parser.add_argument("--pretrain-lr", type=float, default=None,
                         help=f"peak learning rate of the pre-training (default: {TINY_LR:g} for eve-tiny and "
-                             "vlmo-tiny, eve-tiny's validation losses after 1,200 steps at batch 32 are lower than at the config's 1e-3: "
-                             "text 0.50 against 0.72, docs/transfer.md; the config's for other presets)")
+                             "vlmo-tiny: eve-tiny's validation losses after 1,200 steps at batch 32 are lower than at "
+                             "the config's 1e-3, text 0.50 against 0.72, docs/transfer.md; the config's for others)")
     parser.add_argument("--pretrain-args", default="", help="more options of launch/pretrain.py, one string")
     parser.add_argument("--points", default="0.25,0.5,1", help="fractions of the budget to fine-tune from")
     parser.add_argument("--seeds", default="0,1,2")

@@ -5,7 +5,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from eve_ds.config import ConfigError, preset
-from eve_ds.engine import load_deepspeed_config, optimizer_param_groups
+from eve_ds.engine import freeze, load_deepspeed_config, optimizer_param_groups, trained_names
+from eve_ds.errors import UsageError
 from eve_ds.model import ExpertPlacement
 from eve_ds.objectives import PretrainingModel
 from tests.conftest import REPO, small_ds_config
@@ -91,3 +92,35 @@ def test_a_model_without_moe_layers_refuses_expert_parallelism():
         load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", 2, preset("vlmo-tiny").routed_experts, 10)
     _, options = load_deepspeed_config(REPO / "ds_configs" / "zero2_ep.json", 2, 0, 10, expert_parallel_size=1)
     assert options.expert_parallel_size == 1
+
+
+def test_train_only_patterns_select_names_and_a_pattern_that_selects_nothing_is_refused():
+    names = ["encoder.token_embed.weight", "encoder.blocks.0.ffn.text.fc1.weight",
+             "encoder.blocks.0.ffn.vision.fc1.weight", "text_head.weight"]
+    assert trained_names(names, [], "m") == set(names)
+    assert trained_names(names, ["encoder.blocks.*.ffn.text*", "text_head.*"], "m") == {names[1], names[3]}
+    with pytest.raises(UsageError, match=r"--train-only: 'encoder.blocks.\*.ffn.txt\*' matches no parameter of m \(its "
+                                         r"names look like encoder.token_embed.weight or text_head.weight\)"):
+        trained_names(names, ["encoder.blocks.*.ffn.txt*"], "m")
+
+
+def test_frozen_parameters_stay_bit_for_bit_and_leave_the_gradient_norm():
+    torch.manual_seed(0)
+    model = PretrainingModel(preset("eve-tiny").replace(image_size=32, max_text_len=12))
+    frozen_count = freeze(model, lambda name: not name.startswith("encoder.blocks.1."))
+    assert frozen_count == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("encoder.blocks.1."))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(optimizer_param_groups(model, weight_decay=0.05), lr=1e-2)
+    assert all(group["weight_decay"] == 0 for group in optimizer.param_groups
+               for p in group["params"] if getattr(p, "frozen", False))
+    from tests.test_objectives import pretraining_batch
+    inputs = {k: v for k, v in pretraining_batch().items() if k in ("images", "image_mask", "text_ids", "text_labels",
+                                                                     "text_padding_mask")}
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(**inputs)["loss"].backward()
+        optimizer.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != name.startswith("encoder.blocks.1."), name
+        if not name.startswith("encoder.blocks.1."):
+            assert not p.grad.any()
