@@ -143,10 +143,11 @@ def parse_args(argv=None):
         if not 0 < getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must lie between 0 and 1, got {getattr(args, name)}")
     args.objectives = parse_objectives(args.objectives)  # one sentence (a UsageError) for a bad list
-    check_modalities(args.objectives, {split_modality(spec)[0] for spec in args.data})
+    sources = args.data + [args.val_data] * bool(args.val_data)
+    check_modalities(args.objectives, {split_modality(spec)[0] for spec in sources})
     if args.peak_tflops <= 0:
         parser.error(f"--peak-tflops must be positive, got {args.peak_tflops}")
-    for spec in args.data + [args.val_data] * bool(args.val_data):
+    for spec in sources:
         check_source_exists(spec)
     args.out = Path(args.out or REPO_ROOT / "runs" / args.model)
     args.data_weights = args.data_weights or [1.0] * len(args.data)
