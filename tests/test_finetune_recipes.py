@@ -264,3 +264,13 @@ def test_groups_and_scheduler_work_in_a_deepspeed_engine():
     result = subprocess.run([sys.executable, "-c", worker], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_a_vlmo_models_vl_ffn_takes_vlmos_names_for_the_weight_decay_rule():
+    model = VQAModel(preset("vlmo-tiny").replace(image_size=32, max_text_len=12), num_answers=3)
+    theirs = authors_names(model)
+    assert theirs["encoder.blocks.3.ffn.vision_language_norm.weight"] == ("backbone.encoder.layers.3.norm2_vl.weight", )
+    assert theirs["encoder.blocks.3.ffn.vision_language.fc1.bias"] == ("backbone.encoder.layers.3.mlp_vl.fc1.bias", )
+    decays = _decays(param_groups(model, lr=1e-4, weight_decay=0.01), model)
+    assert decays["encoder.blocks.3.ffn.vision_language_norm.weight"]  # as norm2_imag and norm2_text do
+    assert not decays["encoder.blocks.3.ffn.vision_language.fc1.bias"]

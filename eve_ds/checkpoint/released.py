@@ -76,7 +76,10 @@ def name_pairs(config: EVEConfig) -> list:
                     block += _affine(f"{moe}experts.deepspeed_experts.{expert}.{fc}",
                                      f"{theirs}experts.experts.{expert}.{fc}")
         else:
-            for modality, short in (("vision", "imag"), ("text", "text")):
+            modalities = [("vision", "imag"), ("text", "text")]
+            if layer in config.vl_ffn_layers:  # VLMo's names for its VL-FFN, from which the authors' code descends
+                modalities.append(("vision_language", "vl"))
+            for modality, short in modalities:
                 block += [*_affine(f"ffn.{modality}_norm", f"norm2_{short}"),
                           *_affine(f"ffn.{modality}.fc1", f"mlp_{short}.fc1"),
                           *_affine(f"ffn.{modality}.fc2", f"mlp_{short}.fc2")]
