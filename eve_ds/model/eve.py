@@ -82,12 +82,11 @@ class MultiwayFFN(nn.Module):
             self.vision_language = FeedForward(hidden_size, vl_ffn_hidden_size)
 
     def forward(self, x, num_image_tokens: int):
-        if hasattr(self, "vision_language") and 0 < num_image_tokens < x.shape[1]:
-            return self.vision_language(self.vision_language_norm(x))
-        image, text = x[:, :num_image_tokens], x[:, num_image_tokens:]
+        joint = hasattr(self, "vision_language") and 0 < num_image_tokens < x.shape[1]
+        image, text = (x[:, :0], x[:, :0]) if joint else (x[:, :num_image_tokens], x[:, num_image_tokens:])
         parts = [self.vision(self.vision_norm(image)), self.text(self.text_norm(text))]
-        if hasattr(self, "vision_language"):  # on no token: in the graph all the same (see EVE.forward)
-            parts.append(self.vision_language(self.vision_language_norm(x[:, :0])))
+        if hasattr(self, "vision_language"):  # the FFNs a pass does not use run on no token (see EVE.forward)
+            parts.insert(0, self.vision_language(self.vision_language_norm(x if joint else x[:, :0])))
         return torch.cat(parts, dim=1)
 
 
