@@ -110,6 +110,11 @@ class EVEConfig:
         mine, theirs = self.to_dict(), other.to_dict()
         return {key: (mine[key], theirs[key]) for key in mine if mine[key] != theirs[key]}
 
+    def differences_said(self, saved: "EVEConfig") -> str:
+        """The keys in which ``saved`` (a checkpoint's config) differs from this run's, in words; empty where none."""
+        return ", ".join(f"{key} {theirs} where this run has {mine}"
+                         for key, (mine, theirs) in self.differences(saved).items())
+
     def replace(self, **changes) -> "EVEConfig":
         return replace(self, **changes)
 

@@ -177,9 +177,7 @@ def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
                        source, saved.routing_embedding_to_experts)
         requested = requested.replace(routing_embedding_to_experts=saved.routing_embedding_to_experts)
     if saved != requested:
-        differences = ", ".join(f"{key} {theirs} where this run has {mine}"
-                                for key, (mine, theirs) in requested.differences(saved).items())
-        raise ConfigError(f"{source} was written for another model configuration: {differences}")
+        raise ConfigError(f"{source} was written for another model configuration: {requested.differences_said(saved)}")
     return requested
 
 
@@ -194,7 +192,8 @@ def initialise_from(model: PretrainingModel, placement: ExpertPlacement, path):
     load_weights(model, weights.renamed(names), path, names={name for name, stored in names.items()
                                                                if stored in weights})
     heads = sorted({name.split(".")[0] for name in names.values() if not name.startswith("encoder.")})
-    fresh = [head for head in heads if not any(stored.startswith(head + ".") or stored == head for stored in weights)]
+    stored_heads = {name.split(".")[0] for name in weights}
+    fresh = [head for head in heads if head not in stored_heads]
     logger.info("initialised from %s: the encoder%s%s", path,
                 f", {', '.join(head for head in heads if head not in fresh)}" if len(fresh) < len(heads) else "",
                 f"; new {', '.join(fresh)}" if fresh else "")
@@ -360,14 +359,15 @@ def main(argv=None, stop: StopRequest = None):
     ep_size = parallelism.expert_parallel_size
     layout = run_layout(world_size, ep_size, ds_config)
     check_run_folder(args.out / "checkpoints", args.resume, args.auto_resume, args.resume_from, layout)
-    with torch.device("meta"):  # the whole model's parameter names, at no cost
-        names = [name for name, _ in PretrainingModel(config, objectives=args.objectives).named_parameters()]
-    args.trained = trained_names(names, args.train_only, args.model)
+    if args.train_only:
+        with torch.device("meta"):  # the whole model's parameter names, at no cost
+            names = [name for name, _ in PretrainingModel(config, objectives=args.objectives).named_parameters()]
+        args.trained = trained_names(names, args.train_only, args.model)
     if args.init_from:
-        differences = config.differences(pretrained_config(args.init_from).replace(position_init=config.position_init))
+        initial = pretrained_config(args.init_from).replace(position_init=config.position_init)  # not what it computes
+        differences = config.differences_said(initial)
         if differences:
-            raise ConfigError(f"--init-from {args.init_from} holds another model configuration: " + ", ".join(
-                f"{key} {theirs} where this run has {mine}" for key, (mine, theirs) in differences.items()))
+            raise ConfigError(f"--init-from {args.init_from} holds another model configuration: {differences}")
 
     start_distributed()
     with run_folder_held(args.out):
