@@ -342,14 +342,14 @@ def blind_level(world: dict, task: str):
     return 100 * (1 + 5 + 10) / 3 / images if task == "retrieval" and images else None
 
 
-def probe_table(probe) -> str:
-    from benchmarks.grounding import table as grounding_table
+def probe_table(probe, world_seed: int) -> str:
+    from benchmarks.grounding import table as grounding_table, unbound_level
 
     if probe is None:
         return "No grounding probe: the pre-training has no masked signal modeling heads (--objectives without msm)."
     return (f"Masked words of new scenes, top-1 % with the scene's own image / another scene's "
             f"(benchmarks/grounding.py, {probe['image_mask_ratio']:.0%} of the image masked):\n\n"
-            + grounding_table(probe["rows"]))
+            + grounding_table(probe["rows"], unbound_level(world_seed)))
 
 
 def table(args, results: dict, phases: dict, world: dict, also: dict) -> str:
@@ -439,7 +439,7 @@ def main(argv=None):
     (args.out / "results.json").write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
                                                        "results": results, "also": also, "grounding": probe,
                                                        "phases_s": phases}, indent=2) + "\n")
-    text = table(args, results, phases, world, also) + "\n\n" + probe_table(probe)
+    text = table(args, results, phases, world, also) + "\n\n" + probe_table(probe, args.world_seed)
     (args.out / "transfer.md").write_text(text + "\n")
     plot(args, results, args.out / "transfer.png", world)
     print(text)

@@ -8,22 +8,19 @@ import json
 import logging
 import os
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from eve_ds.checkpoint.consolidate import model_config_in, saved_states
 from eve_ds.checkpoint.data_position import read_data_position, write_data_position
-from eve_ds.checkpoint.pretrained import (PRETRAINING, CheckpointError, HeldModel, held_model, load_weights,
-                                          open_pretrained, pretrained_config)
+from eve_ds.checkpoint.pretrained import PRETRAINING, CheckpointError, HeldModel, held_model, load_weights
 from eve_ds.checkpoint.training import RunCheckpoints, check_run_folder, run_layout
 from eve_ds.checkpoint.universal import load_universal, restore_optimizer_state
 from eve_ds.cluster import StopRequest, ignore_stop_signals
-from eve_ds.config import PRESETS, ConfigError, EVEConfig, preset
+from eve_ds.config import PRESETS, EVEConfig, preset
 from eve_ds.data import MaskedSamples, PretrainingStream, StreamPosition, TextTokenizer, open_source
 from eve_ds.data.sources import check_source_exists, split_modality
 from eve_ds.data.stream import REASONS, validation_batches
@@ -33,14 +30,13 @@ from eve_ds.engine import (all_gather_objects, build_model, freeze, initialize, 
 from eve_ds.errors import ArgumentParser
 from eve_ds.flops import H100_BF16_DENSE_TFLOPS, batch_training_flops
 from eve_ds.model.moe import ExpertPlacement
-from eve_ds.objectives import (DEFAULT_OBJECTIVES, MaskingConfig, PretrainingModel, describe_objectives, loss_names,
-                               parse_objectives)
+from eve_ds.objectives import MaskingConfig, PretrainingModel, describe_objectives, loss_names, parse_objectives
 from eve_ds.objectives.pretraining import MLM_MASK_RATIO, check_modalities
-from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
-from eve_ds.trainer import (Job, Loop, RunLog, all_reduce, distributed_env, on_rank_zero, run_folder_held,
-                            run_summary, start_distributed, to_device)
-from eve_ds.visualize import captured_predictions, readable_scale, reconstruction_grid, rows_of_batch
+from eve_ds.run_start import check_init_from, initialise_from, resumed_settings
+from eve_ds.trainer import (Job, Loop, RunLog, distributed_env, on_rank_zero, run_folder_held, run_summary,
+                            start_distributed)
+from eve_ds.validation import reconstruction_picture, validate
 
 logger = logging.getLogger("eve_ds.pretrain")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -166,39 +162,6 @@ def default_tokenizer(source: str) -> Path:
     return beside if beside.is_file() or not (folder.parent / "tokenizer.json").is_file() else folder.parent / "tokenizer.json"
 
 
-def resumed_config(requested: EVEConfig, saved: EVEConfig, source) -> EVEConfig:
-    """A resumed run goes on computing the function its checkpoint was trained as: where the checkpoint says
-    otherwise about the routing embedding (those written before that setting existed are router-only), the
-    checkpoint wins. Any other difference is an error that names the keys."""
-    # How the positions were initialised does not change what the saved weights compute: the checkpoint's is kept.
-    requested = requested.replace(position_init=saved.position_init)
-    if saved.routing_embedding_to_experts != requested.routing_embedding_to_experts:
-        logger.warning("%s was trained with routing_embedding_to_experts %s; the resumed run keeps that",
-                       source, saved.routing_embedding_to_experts)
-        requested = requested.replace(routing_embedding_to_experts=saved.routing_embedding_to_experts)
-    if saved != requested:
-        raise ConfigError(f"{source} was written for another model configuration: {requested.differences_said(saved)}")
-    return requested
-
-
-def initialise_from(model: PretrainingModel, placement: ExpertPlacement, path):
-    """The encoder of a consolidated folder, and the heads of ``model`` that it holds (the others keep their
-    initialisation); CheckpointError where the folder lacks an encoder weight."""
-    weights, _ = open_pretrained(path)
-    names = placement.global_names(model)
-    missing = [name for name in names.values() if name.startswith("encoder.") and name not in weights]
-    if missing:
-        raise CheckpointError(f"--init-from {path} holds no {missing[0]} ({len(missing)} encoder weights missing)")
-    load_weights(model, weights.renamed(names), path, names={name for name, stored in names.items()
-                                                               if stored in weights})
-    heads = sorted({name.split(".")[0] for name in names.values() if not name.startswith("encoder.")})
-    stored_heads = {name.split(".")[0] for name in weights}
-    fresh = [head for head in heads if head not in stored_heads]
-    logger.info("initialised from %s: the encoder%s%s", path,
-                f", {', '.join(head for head in heads if head not in fresh)}" if len(fresh) < len(heads) else "",
-                f"; new {', '.join(fresh)}" if fresh else "")
-
-
 def describe_ffn_layers(config: EVEConfig) -> str:
     parts = []
     if config.moe_layers:
@@ -208,62 +171,6 @@ def describe_ffn_layers(config: EVEConfig) -> str:
     if config.vl_ffn_layers:
         parts.append(f"VL-FFN of width {config.vl_ffn_width} in layers {list(config.vl_ffn_layers)}")
     return "; ".join(parts) or "multiway FFNs only"
-
-
-def resumed_objectives(requested: dict, held, source) -> dict:
-    """The objectives of a resumed run: the checkpoint's heads must be those the requested objectives need (a run
-    saved before objectives existed trained msm); their weights may change."""
-    saved = held.head_options.get("objectives") or DEFAULT_OBJECTIVES
-    if set(saved) != set(requested):
-        raise ConfigError(f"{source} was trained with --objectives {describe_objectives(saved)}, whose heads this run's "
-                          f"{describe_objectives(requested)} would not match: resume with --objectives "
-                          f"{describe_objectives(saved)}")
-    if saved != requested:
-        logger.warning("%s was trained with --objectives %s; the resumed run weighs them %s", source,
-                       describe_objectives(saved), describe_objectives(requested))
-    return requested
-
-
-# Validation samples drawn in tensorboard's val/reconstruction at every validation: the first of rank 0's first batch.
-RECONSTRUCTION_ROWS = 4
-
-
-@torch.no_grad()
-def validate(engine, batches, patch_size: int, objectives: dict, first_batch: list = None) -> dict:
-    """The objectives' losses over the validation set. Masked image, text and MLM losses are means over every
-    masked pixel value or token of all ranks, so the grouping into batches and ranks does not change them; the
-    contrastive and matching losses, which depend on the batch, are means over the batches of all ranks that hold
-    no padding. Where ``first_batch`` is a list, (this rank's first batch, the predictions of its forward:
-    ``visualize.captured_predictions``) is appended to it, taken from the validation forward itself: no extra pass,
-    and under ZeRO-3 every rank runs the same forward passes as without it."""
-    engine.eval()
-    names = [name for name in ("image_loss", "text_loss", "mlm_loss", "itc_loss", "itm_loss")
-             if name in loss_names(objectives)]
-    sums = torch.zeros(2 * len(names), device=engine.device, dtype=torch.float64)  # loss x count, count per name
-    for index, batch in enumerate(batches):
-        padded = bool(batch.pop("padding").any())
-        counts = {}  # the masked pixel values or tokens of each loss; a batch without images or texts has none
-        if "image_mask" in batch:
-            counts["image_loss"] = batch["image_mask"].sum() * patch_size**2 * batch["images"].shape[1]
-        if "text_labels" in batch:
-            counts["text_loss"] = (batch["text_labels"] != IGNORE_INDEX).sum()
-        if "mlm_text_labels" in batch:
-            counts["mlm_loss"] = (batch["mlm_text_labels"] != IGNORE_INDEX).sum()
-        keep = first_batch is not None and index == 0
-        with captured_predictions(engine.module) if keep and "msm" in objectives else nullcontext() as predictions:
-            outputs = engine(**to_device(batch, engine))
-        if keep:
-            first_batch.append((batch, predictions))
-        for place, name in enumerate(names):
-            if name not in outputs:
-                continue
-            count = float(counts.get(name, 0.0 if padded else 1.0))
-            sums[2 * place] += float(outputs[name]) * count
-            sums[2 * place + 1] += count
-    engine.train()
-    totals = all_reduce(sums).tolist()
-    return {f"val_{name}": totals[2 * place] / totals[2 * place + 1] for place, name in enumerate(names)
-            if totals[2 * place + 1] > 0}
 
 
 def describe_skipped(problems: Counter) -> str:
@@ -309,23 +216,11 @@ class PretrainingJob(Job):
             if dist.get_rank() == 0:
                 logger.info("step %d validation: %s", step, "  ".join(
                     f"{name.removeprefix('val_').removesuffix('_loss')} {value:.4f}" for name, value in validation.items()))
-                picture = self.reconstruction_picture(*first_batch[0]) if first_batch and "msm" in self.objectives \
-                    else None
+                picture = reconstruction_picture(*first_batch[0], self.config, self.validation_samples.tokenizer,
+                                                 logger) if first_batch and "msm" in self.objectives else None
                 if picture is not None:
                     record["images"] = {"val/reconstruction": picture}  # RunLog writes it to tensorboard
         return record
-
-    def reconstruction_picture(self, batch: dict, predictions):
-        """The reconstruction grid (eve_ds/visualize.py) of the first RECONSTRUCTION_ROWS validation samples of rank
-        0's first batch, the same samples with the same masks at every validation and on any world size, as an
-        [H, W, 3] uint8 array (panels enlarged to ``readable_scale``); None where the batch holds padding only."""
-        try:
-            rows = rows_of_batch(batch, predictions, self.config.patch_size, self.validation_samples.tokenizer,
-                                 count=RECONSTRUCTION_ROWS, skip_unmasked=True)
-        except ValueError as error:  # a picture is not worth a run: say why there is none and train on
-            logger.warning("no val/reconstruction picture: %s", error)
-            return None
-        return np.asarray(reconstruction_grid(rows, readable_scale(self.config.image_size)).image) if rows else None
 
     def console(self, record: dict) -> str:
         return (f"{record['tokens_per_s']:.0f} tokens/s  {record['tflops_per_rank']:.3g} TFLOP/s per rank  "
@@ -364,10 +259,7 @@ def main(argv=None, stop: StopRequest = None):
             names = [name for name, _ in PretrainingModel(config, objectives=args.objectives).named_parameters()]
         args.trained = trained_names(names, args.train_only, args.model)
     if args.init_from:
-        initial = pretrained_config(args.init_from).replace(position_init=config.position_init)  # not what it computes
-        differences = config.differences_said(initial)
-        if differences:
-            raise ConfigError(f"--init-from {args.init_from} holds another model configuration: {differences}")
+        check_init_from(args.init_from, config)
 
     start_distributed()
     with run_folder_held(args.out):
@@ -386,19 +278,14 @@ def train(args, stop, tokenizer, config, masking, ds_config, parallelism, layout
                               "resumes only from its own checkpoints")
     resume_tag = checkpoints.resume_point(args.resume, args.auto_resume)
     if universal is not None or resume_tag is not None:
-        source = args.resume_from or resume_tag
         if universal is not None:
-            saved = universal.model_config
+            source, saved, saved_state = args.resume_from, universal.model_config, universal.client_state
         else:  # the checkpoint's first model-states file, read once for its config and the model it holds
-            states, states_path = saved_states(resume_tag)
-            saved, held = model_config_in(states, states_path), HeldModel.of_training_state(states)
-        tokenizer.check_fits(saved.vocab_size, source)
-        config = resumed_config(config, saved, source)
-        args.objectives = resumed_objectives(args.objectives, held, source)
-        saved_train_only = (universal.client_state if universal is not None else states).get("train_only", [])
-        if saved_train_only != args.train_only:
-            raise ConfigError(f"{source} was trained with --train-only {','.join(saved_train_only) or '(all)'}; resume "
-                              f"with the same selection (this run asks for {','.join(args.train_only) or 'all'})")
+            saved_state, states_path = saved_states(resume_tag)
+            source, saved, held = resume_tag, model_config_in(saved_state, states_path), \
+                HeldModel.of_training_state(saved_state)
+        config, args.objectives = resumed_settings(config, args.objectives, args.train_only, tokenizer, saved, held,
+                                                   saved_state, source)
     micro_batch, accumulation = ds_config["train_micro_batch_size_per_gpu"], ds_config["gradient_accumulation_steps"]
 
     # Rank 0 opens each source (counting shards that have no index, scanning a manifest) and hands it to the others.

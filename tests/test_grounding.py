@@ -52,3 +52,19 @@ def test_figures_count_every_word_and_repeat(folder):
     assert all(0 <= row[column] <= 100 for row in first.values() for column in ("own", "other"))
     table = PROBE.table({"random": first})
     assert table.count("\n") == 2 and f"{first['shape']['own']:.1f} / {first['shape']['other']:.1f}" in table
+
+
+def test_unbound_level_names_a_random_object_of_the_scene(monkeypatch):
+    """One scene of three objects (two red, one blue; two in the top row, two in the right column): a reader that
+    names a random object's word is right 5/9 of the time for colours, sizes and both position words, 1/3 for
+    shapes."""
+    levels = PROBE.unbound_level(scenes=SCENES)
+    assert levels["background"] == 100 and all(0 < levels[kind] <= 100 for kind in PROBE.KINDS)
+    scene = {"objects": [{"size": "small", "colour": "red", "shape": "star", "position": "top left"},
+                         {"size": "small", "colour": "red", "shape": "cross", "position": "top right"},
+                         {"size": "large", "colour": "blue", "shape": "circle", "position": "bottom right"}]}
+    monkeypatch.setattr(PROBE.world, "sample_scene", lambda rng, *args, **kwargs: scene)
+    levels = PROBE.unbound_level(scenes=1)
+    assert levels["colour"] == pytest.approx(100 * 5 / 9) and levels["size"] == pytest.approx(100 * 5 / 9)
+    assert levels["shape"] == pytest.approx(100 / 3)
+    assert levels["position"] == pytest.approx(100 * 5 / 9)

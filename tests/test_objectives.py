@@ -14,7 +14,7 @@ from eve_ds.errors import UsageError
 from eve_ds.objectives import MaskingConfig, PretrainingModel, loss_names, normalized_pixel_targets, parse_objectives
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.params import parameter_counts
-from eve_ds.pretrain import resumed_objectives
+from eve_ds.run_start import resumed_objectives
 from tests.conftest import SHAPES
 from tests.test_model import batch
 

@@ -2,7 +2,7 @@
 import pytest
 
 from eve_ds.config import ConfigError, preset
-from eve_ds.pretrain import resumed_config
+from eve_ds.run_start import resumed_config
 
 
 def test_resume_keeps_the_checkpoints_routing_setting_and_names_any_other_difference():
