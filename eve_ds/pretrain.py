@@ -216,8 +216,8 @@ class PretrainingJob(Job):
             if dist.get_rank() == 0:
                 logger.info("step %d validation: %s", step, "  ".join(
                     f"{name.removeprefix('val_').removesuffix('_loss')} {value:.4f}" for name, value in validation.items()))
-                picture = reconstruction_picture(*first_batch[0], self.config, self.validation_samples.tokenizer,
-                                                 logger) if first_batch and "msm" in self.objectives else None
+                picture = reconstruction_picture(*first_batch[0], self.config, self.validation_samples.tokenizer) \
+                    if first_batch and "msm" in self.objectives else None
                 if picture is not None:
                     record["images"] = {"val/reconstruction": picture}  # RunLog writes it to tensorboard
         return record

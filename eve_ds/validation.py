@@ -1,5 +1,6 @@
 """Validation of a pre-training run: the objectives' losses over a fixed set with fixed masks, and the picture of
 the model's reconstructions that tensorboard shows at every validation."""
+import logging
 from contextlib import nullcontext
 
 import numpy as np
@@ -9,6 +10,8 @@ from eve_ds.objectives import loss_names
 from eve_ds.objectives.masking import IGNORE_INDEX
 from eve_ds.trainer import all_reduce, to_device
 from eve_ds.visualize import captured_predictions, readable_scale, reconstruction_grid, rows_of_batch
+
+logger = logging.getLogger("eve_ds.pretrain")
 
 # Validation samples drawn in tensorboard's val/reconstruction at every validation: the first of rank 0's first batch.
 RECONSTRUCTION_ROWS = 4
@@ -52,7 +55,7 @@ def validate(engine, batches, patch_size: int, objectives: dict, first_batch: li
             if totals[2 * place + 1] > 0}
 
 
-def reconstruction_picture(batch: dict, predictions, config, tokenizer, logger):
+def reconstruction_picture(batch: dict, predictions, config, tokenizer):
     """The reconstruction grid (eve_ds/visualize.py) of the first RECONSTRUCTION_ROWS samples of ``batch`` (rank 0's
     first validation batch: the same samples with the same masks at every validation and on any world size), as an
     [H, W, 3] uint8 array (panels enlarged to ``readable_scale``); None where the batch holds padding only."""
